@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Sets DPA edge up on a fresh Debian/Ubuntu machine: system packages, a virtual environment in .venv,
+# PyTorch (the pinned CPU build where no NVIDIA GPU is present), and the project itself.
+# Idempotent: a second run only checks. Usage: scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${DPA_VENV:-.venv}
+TORCH_VERSION=${DPA_TORCH_VERSION:-2.13.0}
+APT_PACKAGES=(cmake pkg-config)
+
+say() { printf '[setup] %s\n' "$*"; }
+
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if ! "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing system packages: ${missing[*]}"
+    sudo_cmd=()
+    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -q
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q "${missing[@]}"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+pip=("$VENV/bin/python" -m pip install -q)
+
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        say "NVIDIA GPU found: installing torch==$TORCH_VERSION with CUDA"
+        "${pip[@]}" "torch==$TORCH_VERSION"
+    else
+        # A CPU-only machine: install the CPU build first so nothing later pulls the CUDA wheels.
+        # DPA_TORCH_INDEX may name a CPU wheel index (for example PyTorch's own /whl/cpu index).
+        say "no NVIDIA GPU: installing the CPU build of torch==$TORCH_VERSION"
+        if [ -n "${DPA_TORCH_INDEX:-}" ]; then
+            "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$DPA_TORCH_INDEX"
+        else
+            "${pip[@]}" "torch==$TORCH_VERSION"
+        fi
+    fi
+fi
+
+say "installing dpa-edge (editable) with the training and test extras"
+"${pip[@]}" -e ".[train,test]"
+say "ready: $VENV/bin/dpa --help"

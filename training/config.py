@@ -94,7 +94,9 @@ PRESETS: dict[str, ModelConfig] = {
 PRESETS["paper"] = PRESETS["paper-iv"].replace(name="paper")
 
 
-def get_config(name: str, size: int | None = None, memory: int | None = None, width: float | None = None) -> ModelConfig:
+def get_config(
+    name: str, size: int | None = None, memory: int | None = None, width: float | None = None
+) -> ModelConfig:
     """A preset by name, with optional overrides of S, N and the width multiplier."""
     if name not in PRESETS:
         raise DpaError(f"unknown config {name!r}; choose one of {', '.join(PRESETS)}")

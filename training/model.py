@@ -34,9 +34,11 @@ def upsample(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tenso
 
 
 def conv_bn_relu(inputs: int, outputs: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
+    """Convolution + BatchNorm + ReLU. The convolution has no bias: BatchNorm's shift makes it redundant
+    (its gradient is exactly zero in training mode, and Adam would turn rounding noise into steps)."""
     padding = dilation * (kernel // 2)
     return nn.Sequential(
-        nn.Conv2d(inputs, outputs, kernel, padding=padding, dilation=dilation),
+        nn.Conv2d(inputs, outputs, kernel, padding=padding, dilation=dilation, bias=False),
         nn.BatchNorm2d(outputs),
         nn.ReLU(inplace=True),
     )
@@ -136,7 +138,9 @@ class InterFrameAttention(nn.Module):
         super().__init__()
         self.mode = mode
         self.detach_soft_regions = detach_soft_regions
-        self.key = nn.Conv2d(channels, dim, 1)  # kappa
+        # kappa has no bias: a bias shifts every logit of a query row by the same amount, which the softmax
+        # cancels exactly (its gradient is zero; Adam would turn rounding noise into steps).
+        self.key = nn.Conv2d(channels, dim, 1, bias=False)  # kappa
         self.value = nn.Conv2d(channels, dim, 1)  # nu
         self.fuse = conv_bn_relu(channels + dim, channels, kernel=1)
 
@@ -300,7 +304,8 @@ class DPA(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)

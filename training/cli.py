@@ -1,0 +1,247 @@
+"""Subcommands of dpa.training.
+
+Each command is an independent `run(args)` registered with `@command`; heavy modules (numpy, OpenCV,
+torch) are imported inside `run`, so `dpa --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from dpa.cli import command
+from dpa.errors import DpaError
+
+log = logging.getLogger(__name__)
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    masks = parser.add_argument_group("score mask folders (DIR/<sequence>/<frame>.png)")
+    masks.add_argument("--pred", metavar="DIR", help="predicted masks; any non-zero pixel is foreground")
+    masks.add_argument("--gt", metavar="DIR", help="ground-truth masks, at the resolution to evaluate at")
+    model = parser.add_argument_group("run a checkpoint and score it")
+    model.add_argument("--checkpoint", metavar="CKPT", help="model checkpoint (.pt)")
+    model.add_argument("--data", metavar="DIR", help="dataset to run the checkpoint on")
+    model.add_argument("--layout", default="auto",
+                       help="dataset layout: davis|youtube-vos|preprocessed|images (detected by default)")
+    model.add_argument("--split", default="val", help="dataset split (default val)")
+    model.add_argument("--flow", choices=("auto", "files", "dis"), default="auto",
+                       help="files: pre-computed flow images; dis: estimate now (offline direction); "
+                       "auto: files when every frame has one, else DIS (the report says which)")
+    model.add_argument("--save-masks", metavar="DIR", help="also write the predicted masks as DIR/<seq>/<frame>.png")
+    model.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, …)")
+    parser.add_argument("--json", metavar="OUT", help="also write per-frame and per-sequence results as JSON")
+    parser.add_argument(
+        "--protocol",
+        choices=("all", "davis2016"),
+        default="all",
+        help="all: every frame (unsupervised protocol, default); "
+        "davis2016: drop the first and last frame of each sequence (DAVIS-2016 toolkit)",
+    )
+
+
+def _eval_mode(args: argparse.Namespace) -> str:
+    """"masks" or "checkpoint", or DpaError when the options do not pick exactly one complete mode."""
+    masks = {"--pred": args.pred, "--gt": args.gt}
+    model = {"--checkpoint": args.checkpoint, "--data": args.data}
+    uses_masks = any(value is not None for value in masks.values())
+    uses_model = any(value is not None for value in model.values())
+    if uses_masks and uses_model:
+        raise DpaError("give either --pred and --gt (score mask folders) or --checkpoint and --data "
+                       "(run a model and score it), not both")
+    if not uses_masks and not uses_model:
+        raise DpaError("nothing to evaluate: give --pred DIR --gt DIR, or --checkpoint CKPT --data DIR")
+    options = masks if uses_masks else model
+    missing = [name for name, value in options.items() if value is None]
+    if missing:
+        raise DpaError(f"{' and '.join(options)} go together: {missing[0]} is missing")
+    return "masks" if uses_masks else "checkpoint"
+
+
+@command("eval", "DAVIS evaluation (J, F, G, recall, decay) of predicted masks or of a checkpoint",
+         arguments=_eval_arguments)
+def run_eval(args: argparse.Namespace) -> int:
+    """Score, print the per-sequence table, write the JSON when asked.
+
+    Checkpoint mode delegates to `dpa.training.inference.evaluate_checkpoint(args)`, which returns a
+    result dict in the `dpa.training.evaluate.summarise` format; it is reported the same way.
+    """
+    mode = _eval_mode(args)
+    from dpa.training.evaluate import format_table, score_directories, write_json
+
+    if mode == "masks":
+        result = score_directories(args.pred, args.gt, protocol=args.protocol, progress=True)
+    else:
+        from dpa.training.inference import evaluate_checkpoint
+
+        result = evaluate_checkpoint(args)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        log.info("wrote %s", args.json)
+    return 0
+
+
+def _model_arguments(parser: argparse.ArgumentParser, default_config: str = "paper-iv") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--config", default=default_config, help=f"preset name (default {default_config}): "
+                       "paper-i … paper-xi (Table 1 ablations), paper (= paper-iv), tiny")
+    group.add_argument("--size", type=int, help="input size S, a multiple of 32 (preset default)")
+    group.add_argument("--memory", type=int, help="reference frames N (preset default)")
+    group.add_argument("--width", type=float, help="channel width multiplier (preset default)")
+
+
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("info", "parameters and GFLOPs per frame of a configuration, per deployment stage",
+         arguments=_info_arguments)
+def run_info(args: argparse.Namespace) -> int:
+    import json
+
+    from dpa.training.config import get_config
+    from dpa.training.summary import format_summary, summarize
+
+    summary = summarize(get_config(args.config, size=args.size, memory=args.memory, width=args.width))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="run folder: checkpoints last.pt/model.pt, metrics.jsonl")
+    parser.add_argument("--data", action="append", default=[], metavar="ROOT[:LAYOUT]",
+                        help="dataset root (repeatable; several are sampled with equal probability); layout "
+                        "davis|youtube-vos|preprocessed|images|duts, detected when omitted")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=2,
+                        help="1: saliency images (DUTS), then the appearance encoder is copied to the motion "
+                        "encoder; 2: video clips with N references (default)")
+    parser.add_argument("--split", default="train", help="dataset split (default train)")
+    _model_arguments(parser)
+    group = parser.add_argument_group("optimisation (paper defaults)")
+    group.add_argument("--steps", type=int, default=40000)
+    group.add_argument("--batch-size", type=int, default=16, help="global batch over all processes")
+    group.add_argument("--lr", type=float, default=1e-4, help="start of the cosine schedule")
+    group.add_argument("--final-lr", type=float, default=1e-5, help="end of the cosine schedule")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    group.add_argument("--no-augment", action="store_true")
+    group.add_argument("--freeze-batch-norm", action="store_true", help="keep BatchNorm in inference mode")
+    group.add_argument("--init", help="start from this checkpoint's weights (stage 2: the stage-1 checkpoint)")
+    group.add_argument("--vgg-weights", help="torchvision VGG-16 ImageNet state dict (.pth) for both encoders")
+    group.add_argument("--save-every", type=int, default=1000)
+    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0, …")
+    parser.add_argument("--resume", action="store_true", help="continue OUT/last.pt exactly where it stopped")
+    parser.add_argument("--until", type=int, help="stop after this step (resume later with --resume)")
+
+
+@command("train", "train DPA (stage 1 or 2); multi-GPU/multi-node with torchrun", arguments=_train_arguments)
+def run_train(args: argparse.Namespace) -> int:
+    from dpa.training.train import TrainSettings, train
+
+    settings = TrainSettings(
+        out=args.out, data=args.data, stage=args.stage, config=args.config, size=args.size, memory=args.memory,
+        width=args.width, split=args.split, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+        final_learning_rate=args.final_lr, seed=args.seed, workers=args.workers, augment=not args.no_augment,
+        freeze_batch_norm=args.freeze_batch_norm, init=args.init, vgg_weights=args.vgg_weights,
+        save_every=args.save_every, device=args.device,
+    )
+    last = train(settings, resume=args.resume, until=args.until)
+    print(f"checkpoint: {last}")
+    return 0
+
+
+def _flow_estimator_arguments(parser: argparse.ArgumentParser, option: str) -> None:
+    parser.add_argument(option, dest="estimator", choices=("dis", "raft"), default="dis",
+                        help="flow estimator: dis (OpenCV, what the runtime uses; default) or raft "
+                             "(torchvision, where installed)")
+    parser.add_argument("--preset", choices=("ultrafast", "fast", "medium"),
+                        help="DIS preset (default fast)")
+    parser.add_argument("--work-size", type=int, metavar="PX",
+                        help="compute DIS flow at PX x PX and scale it back (default: the frames' size)")
+
+
+def _synth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR", help="dataset root; writes DIR/<split>/...")
+    parser.add_argument("--clips", type=int, default=20, help="number of clips (default 20)")
+    parser.add_argument("--frames", type=int, default=12, help="frames per clip (default 12)")
+    parser.add_argument("--size", type=int, default=128, metavar="PX", help="square frame side (default 128)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    parser.add_argument("--split", default="train", metavar="NAME", help="split folder name (default train)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a split that dpa synth wrote")
+    _flow_estimator_arguments(parser, "--flow")
+
+
+@command("synth", "generate a procedural video dataset with exact masks and flow (pre-processed layout)",
+         arguments=_synth_arguments)
+def run_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from dpa.training.flowgen import estimator_options
+    from dpa.training.synth import write_dataset
+
+    start = time.perf_counter()
+    options = estimator_options(args.estimator, args.preset, args.work_size)
+    manifest = write_dataset(
+        args.out, clips=args.clips, frames=args.frames, size=args.size, seed=args.seed, split=args.split,
+        estimator_name=args.estimator, estimator_options=options, overwrite=args.overwrite,
+    )
+    print(f"wrote {args.clips} clips x {args.frames} frames of {args.size} px to {manifest.parent} "
+          f"in {time.perf_counter() - start:.1f} s (manifest: {manifest})")
+    return 0
+
+
+def _flow_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="DIR", help="dataset root")
+    parser.add_argument("--layout", required=True, choices=("davis", "preprocessed", "images"),
+                        help="davis: JPEGImages/<res>/<seq>/; preprocessed: <split>/RGB/<seq>/ (or "
+                             "<seq>_<frame> files); images: <seq>/JPEGImages/")
+    parser.add_argument("--out", metavar="DIR",
+                        help="write the flow under DIR, mirroring the dataset's relative paths "
+                             "(default: into the dataset)")
+    parser.add_argument("--resolution", default="480p", help="DAVIS resolution folder (default 480p)")
+    parser.add_argument("--overwrite", action="store_true", help="recompute flow images that already exist")
+    _flow_estimator_arguments(parser, "--estimator")
+
+
+@command("flow", "pre-compute flow images (offline direction, RAFT colour wheel) for a dataset",
+         arguments=_flow_arguments)
+def run_flow(args: argparse.Namespace) -> int:
+    from dpa.training.flowgen import compute_flow, create_estimator, estimator_options, find_sequences
+
+    sequences = find_sequences(args.data, args.layout, args.out, args.resolution)
+    options = estimator_options(args.estimator, args.preset, args.work_size)
+    summary = compute_flow(sequences, create_estimator(args.estimator, **options), overwrite=args.overwrite)
+    print(f"{summary.sequences} sequences: wrote {summary.written} flow images, kept {summary.existing} "
+          f"existing, skipped {len(summary.unreadable)} unreadable frames -> {args.out or args.data}")
+    if summary.unreadable:
+        log.warning("unreadable frames (no flow written): %s", ", ".join(summary.unreadable[:10])
+                    + (" ..." if len(summary.unreadable) > 10 else ""))
+    return 0
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default="tiny", help="checkpoint name or path (default: the shipped tiny)")
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--seed", type=int, default=2026,
+                        help="synthetic clip seed (default 2026; the shipped model trained on seed 0)")
+    parser.add_argument("--frames", type=int, default=24, help="clip length (default 24)")
+    parser.add_argument("--frame-size", type=int, default=256, help="clip frame side in pixels (default 256)")
+
+
+@command("demo", "the main job on its embedded default: the shipped tiny model on a synthetic clip",
+         arguments=_demo_arguments)
+def run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dpa.training.demo import run_offline_demo
+
+    report = run_offline_demo(args.checkpoint, Path(args.out), args.seed, args.frames, args.frame_size)
+    out = Path(args.out)
+    print(f"J {report['J_mean']:.3f}  F {report['F_mean']:.3f}  G {report['G']:.3f} "
+          f"on a {args.frames}-frame synthetic clip (seed {args.seed})")
+    print(f"video:  {report['outputs']['video']}")
+    print(f"masks:  {report['outputs']['masks']}")
+    print(f"report: {out / 'report.md'} and {out / 'report.json'}")
+    return 0

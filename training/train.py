@@ -1,0 +1,325 @@
+"""The training loop (SPEC §3): stage 1 (saliency images) and stage 2 (video clips), DDP via torchrun.
+
+Determinism: the sample behind global index g = step * global_batch + k is a pure function of
+(seed, g), rank r takes k in [r * local_batch, (r + 1) * local_batch). So a run on W processes sees
+exactly the global batches of a single-process run, and a resumed run continues with the very samples
+the uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dpa.errors import DpaError
+from dpa.training.checkpoint import load_checkpoint, load_state, save_checkpoint
+from dpa.training.config import ModelConfig, get_config
+from dpa.training.model import DPA, build_model
+
+log = logging.getLogger(__name__)
+
+SIDE_OUTPUTS = ("p4", "p3", "p2", "p1")
+
+
+@dataclass
+class TrainSettings:
+    """Everything a training run depends on (saved in its checkpoints).
+
+    data: dataset roots, each "ROOT" or "ROOT:LAYOUT" (layout davis|youtube-vos|preprocessed|images|duts;
+    auto-detected when omitted). Several roots are sampled with equal probability (stage 2: DAVIS 2016 +
+    YouTube-VOS 2018, as in the paper).
+    """
+
+    out: str
+    data: list[str] = field(default_factory=list)
+    stage: int = 2
+    config: str = "paper-iv"
+    size: int | None = None
+    memory: int | None = None
+    width: float | None = None
+    split: str = "train"
+    steps: int = 40000
+    batch_size: int = 16  # global, over all processes
+    learning_rate: float = 1e-4
+    final_learning_rate: float = 1e-5
+    seed: int = 0
+    workers: int = 2
+    augment: bool = True
+    freeze_batch_norm: bool = False
+    init: str | None = None  # checkpoint to start from (stage 2 starts from stage 1)
+    vgg_weights: str | None = None  # torchvision VGG-16 state dict file (ImageNet initialisation)
+    save_every: int = 1000
+    log_every: int = 10
+    device: str = "auto"
+
+    def model_config(self) -> ModelConfig:
+        return get_config(self.config, size=self.size, memory=self.memory, width=self.width)
+
+
+def learning_rate_at(step: int, settings: TrainSettings) -> float:
+    """Cosine decay from learning_rate to final_learning_rate over `steps`."""
+    progress = min(step / max(settings.steps, 1), 1.0)
+    start, end = settings.learning_rate, settings.final_learning_rate
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
+
+
+def segmentation_loss(logits: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy summed over the deep-supervision outputs p4, p3, p2, p1 (B, 1, S, S)."""
+    return sum(F.binary_cross_entropy_with_logits(logits[name], mask) for name in SIDE_OUTPUTS)
+
+
+class GlobalIndexDataset(Dataset):
+    """Maps a global sample index onto (epoch, index) of a finite dataset with `set_epoch`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, global_index: int):
+        epoch, index = divmod(global_index, len(self.dataset))
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+class StepSampler(Sampler[int]):
+    """Yields this rank's global sample indices for steps [start, stop)."""
+
+    def __init__(self, start: int, stop: int, global_batch: int, rank: int, world: int):
+        self.start, self.stop, self.global_batch = start, stop, global_batch
+        self.local_batch = global_batch // world
+        self.offset = rank * self.local_batch
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.local_batch
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            base = step * self.global_batch + self.offset
+            yield from range(base, base + self.local_batch)
+
+
+def _split_root(spec: str) -> tuple[str, str]:
+    root, _, layout = spec.partition(":")
+    return root, layout or "auto"
+
+
+def build_dataset(settings: TrainSettings, config: ModelConfig) -> Dataset:
+    """Stage 1: saliency images (DUTS); stage 2: clips (query + N references) from every root, mixed."""
+    from dpa.training import datasets
+
+    if not settings.data:
+        raise DpaError("no training data: pass --data ROOT[:LAYOUT] (see `dpa synth` for a synthetic set)")
+    parts = []
+    for spec in settings.data:
+        root, layout = _split_root(spec)
+        if not Path(root).exists():
+            raise DpaError(f"training data {root} does not exist")
+        if settings.stage == 1:
+            if layout == "auto":
+                resolved = datasets.detect_layout(root, settings.split)
+            else:
+                resolved = datasets.canonical_layout(layout)
+            if resolved == "duts":
+                pairs = datasets.load_duts(root)
+            else:  # video data used as still images
+                pairs = datasets.pairs_from_sequences(datasets.load_sequences(root, resolved, settings.split))
+            parts.append(datasets.SaliencyDataset(pairs, config.size, augment=settings.augment, seed=settings.seed))
+        else:
+            sequences = datasets.load_sequences(root, layout=layout, split=settings.split)
+            parts.append(
+                datasets.ClipDataset(
+                    sequences, config.size, memory=config.memory, augment=settings.augment, seed=settings.seed
+                )
+            )
+    if len(parts) == 1:
+        return parts[0]
+    length = sum(len(part) for part in parts)
+    return datasets.MixedDataset(parts, [1 / len(parts)] * len(parts), length=length, seed=settings.seed)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(settings: TrainSettings, rank: int) -> torch.device:
+    if settings.device != "auto":
+        return torch.device(settings.device)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def freeze_batch_norm(model: nn.Module) -> None:
+    """Use running statistics in every BatchNorm (eval mode) while the rest trains."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def copy_appearance_to_motion(model: DPA) -> None:
+    """End of stage 1: the motion encoder starts from the trained appearance encoder (the paper)."""
+    model.encoders["motion"].load_state_dict(model.encoders["appearance"].state_dict())
+
+
+def _initial_model(settings: TrainSettings, config: ModelConfig) -> DPA:
+    model = build_model(config, seed=settings.seed)
+    if settings.vgg_weights:
+        state = torch.load(settings.vgg_weights, map_location="cpu", weights_only=True)
+        for encoder in model.encoders.values():
+            encoder.load_torchvision_state_dict(state)
+    if settings.init:
+        payload = load_checkpoint(settings.init)
+        load_state(model, payload["model"], source=payload["path"])
+    return model
+
+
+def train(settings: TrainSettings, resume: bool = False, until: int | None = None, progress: bool = True) -> Path:
+    """Run (or resume) training; returns the path of the last checkpoint.
+
+    until: stop after this step (default: settings.steps) — a run may be split and resumed exactly.
+    """
+    rank, world = _distributed()
+    if settings.batch_size % world:
+        raise DpaError(f"global batch {settings.batch_size} is not divisible by {world} processes")
+    out = Path(settings.out)
+    config = settings.model_config()
+    device = _device(settings, rank)
+    torch.manual_seed(settings.seed)
+
+    model = _initial_model(settings, config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    start = 0
+    last = out / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise DpaError(f"nothing to resume: {last} does not exist")
+        payload = load_checkpoint(last)
+        saved = TrainSettings(**payload["train"])
+        if dataclasses.replace(saved, steps=settings.steps) != dataclasses.replace(settings, steps=settings.steps):
+            log.warning("resuming with settings that differ from the checkpoint's")
+        load_state(model, payload["model"], source=str(last))
+        optimizer.load_state_dict(payload["optimizer"])
+        start = int(payload["step"])
+    stop = min(until or settings.steps, settings.steps)
+    if start >= stop:
+        return last
+
+    wrapped: nn.Module = model
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    dataset = GlobalIndexDataset(build_dataset(settings, config))
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.batch_size // world,
+        sampler=StepSampler(start, stop, settings.batch_size, rank, world),
+        num_workers=settings.workers,
+        persistent_workers=settings.workers > 0,
+        drop_last=False,
+    )
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
+    metrics_file = (out / "metrics.jsonl").open("a") if rank == 0 else None
+    bar = None
+    if rank == 0 and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=stop - start, initial=0, desc=f"stage {settings.stage}", unit="step")
+    model.train()
+    if settings.freeze_batch_norm:
+        freeze_batch_norm(model)
+    step = start
+    running, started = 0.0, time.perf_counter()
+    for batch in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, settings)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        logits = wrapped(batch["rgb"], batch["flow"], batch.get("reference_rgb"), batch.get("reference_flow"))
+        loss = segmentation_loss(logits, batch["mask"])
+        if not torch.isfinite(loss):
+            raise DpaError(f"loss became {loss.item()} at step {step}: lower the learning rate or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        running += loss.item()
+        if rank == 0:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % settings.log_every == 0 or step == stop:
+                count = settings.log_every if step % settings.log_every == 0 else (step - start) % settings.log_every
+                record = {
+                    "step": step,
+                    "loss": running / max(count, 1),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - started,
+                }
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                running = 0.0
+            if step % settings.save_every == 0 and step != stop:
+                _save(last, model, config, settings, optimizer, step)
+    if bar is not None:
+        bar.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    if settings.stage == 1 and step == settings.steps:
+        copy_appearance_to_motion(model)
+    metrics = {"final_loss": loss.item()}
+    if world > 1:
+        metrics["rank_max_difference"] = rank_max_difference(model)
+    if rank == 0:
+        _save(last, model, config, settings, optimizer, step, metrics)
+        if step == settings.steps:
+            save_checkpoint(out / "model.pt", model, config, step=step, train=dataclasses.asdict(settings),
+                            metrics=metrics)
+    if dist.is_initialized():
+        dist.barrier()
+    return last
+
+
+@torch.no_grad()
+def rank_max_difference(model: nn.Module) -> float:
+    """Largest difference of any weight or buffer between processes (0 when DDP kept them in sync)."""
+    flat = torch.cat([t.detach().float().flatten() for t in model.state_dict().values()])
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return (high - low).max().item()
+
+
+def _save(
+    path: Path, model: nn.Module, config: ModelConfig, settings: TrainSettings, optimizer, step: int,
+    metrics: dict | None = None,
+) -> None:
+    save_checkpoint(
+        path, model, config, step=step, optimizer=optimizer.state_dict(), train=dataclasses.asdict(settings),
+        metrics=metrics or {},
+    )

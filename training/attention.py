@@ -83,3 +83,20 @@ def memory_read(
     token_valid = valid.to(torch.bool).repeat_interleave(tokens, dim=1)[:, None, :]
     logits = logits.masked_fill(~token_valid, float("-inf"))
     return torch.bmm(torch.softmax(logits, dim=2), values).to(query.dtype)
+
+
+def prototype_memory_read(
+    features: torch.Tensor,
+    memory_keys: torch.Tensor,
+    memory_values: torch.Tensor,
+    valid: torch.Tensor,
+    detach_soft_regions: bool = True,
+) -> torch.Tensor:
+    """IFA steps 1, 3 and 4 fused (the `DpaPrototypeMemoryRead` op): query prototypes read the memory,
+    the read prototypes are correlated with the query's pixels.
+
+    features = sq5(X) flattened (B, D, HW); memory (B, N, D, D) prototype tokens; valid (B, N).
+    Returns Psi2 (B, D, HW).
+    """
+    query = prototypes(features, detach_soft_regions)
+    return correlation(memory_read(query, memory_keys, memory_values, valid), features)

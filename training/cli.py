@@ -128,6 +128,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
     group.add_argument("--no-augment", action="store_true")
     group.add_argument("--freeze-batch-norm", action="store_true", help="keep BatchNorm in inference mode")
+    group.add_argument("--freeze-batch-norm-from", type=float, metavar="FRACTION",
+                       help="switch BatchNorm to its running statistics after this fraction of the steps")
     group.add_argument("--init", help="start from this checkpoint's weights (stage 2: the stage-1 checkpoint)")
     group.add_argument("--vgg-weights", help="torchvision VGG-16 ImageNet state dict (.pth) for both encoders")
     group.add_argument("--save-every", type=int, default=1000)
@@ -144,7 +146,8 @@ def run_train(args: argparse.Namespace) -> int:
         out=args.out, data=args.data, stage=args.stage, config=args.config, size=args.size, memory=args.memory,
         width=args.width, split=args.split, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
         final_learning_rate=args.final_lr, seed=args.seed, workers=args.workers, augment=not args.no_augment,
-        freeze_batch_norm=args.freeze_batch_norm, init=args.init, vgg_weights=args.vgg_weights,
+        freeze_batch_norm=args.freeze_batch_norm, freeze_batch_norm_from=args.freeze_batch_norm_from,
+        init=args.init, vgg_weights=args.vgg_weights,
         save_every=args.save_every, device=args.device,
     )
     last = train(settings, resume=args.resume, until=args.until)

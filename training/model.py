@@ -164,11 +164,12 @@ class InterFrameAttention(nn.Module):
         valid: torch.Tensor,
     ) -> torch.Tensor:
         """features (B, C, H, W), squeezed = sq5(features) (B, D, H, W), memory (B, N, T, D), valid (B, N)."""
-        read = attention.memory_read(self.tokens(squeezed), memory_keys, memory_values, valid)
         if self.mode == "prototype":
-            read = attention.correlation(read, squeezed.flatten(2))
+            read = attention.prototype_memory_read(
+                squeezed.flatten(2), memory_keys, memory_values, valid, self.detach_soft_regions
+            )
         else:
-            read = read.transpose(1, 2)
+            read = attention.memory_read(self.tokens(squeezed), memory_keys, memory_values, valid).transpose(1, 2)
         return self.fuse(torch.cat([features, read.reshape_as(squeezed)], dim=1))
 
 

@@ -58,6 +58,9 @@ class TrainSettings:
     workers: int = 2
     augment: bool = True
     freeze_batch_norm: bool = False
+    # Fraction of the steps after which BatchNorm switches to its running statistics for the rest of
+    # training, so the network finishes training the way it runs at inference (None: never).
+    freeze_batch_norm_from: float | None = None
     init: str | None = None  # checkpoint to start from (stage 2 starts from stage 1)
     vgg_weights: str | None = None  # torchvision VGG-16 state dict file (ImageNet initialisation)
     save_every: int = 1000
@@ -256,7 +259,11 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
         freeze_batch_norm(model)
     step = start
     running, started = 0.0, time.perf_counter()
+    freeze_from = settings.freeze_batch_norm_from
+    freeze_step = None if freeze_from is None else int(freeze_from * settings.steps)
     for batch in loader:
+        if freeze_step is not None and step >= freeze_step:
+            freeze_batch_norm(model)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, settings)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

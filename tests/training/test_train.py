@@ -80,3 +80,19 @@ def test_ddp_two_processes_equal_one_process(synth_root, tmp_path):
 
     initial = build_model(get_config("tiny", size=64), seed=3).state_dict()
     assert _max_difference(initial, single["model"]) > 1e-4
+
+
+def test_batch_norm_statistics_stop_changing_after_the_freeze_step(synth_root, tmp_path):
+    settings = _settings(synth_root, tmp_path / "freeze", steps=4, freeze_batch_norm_from=0.5)
+    train(settings, until=2, progress=False)
+    at_two = load_checkpoint(tmp_path / "freeze" / "last.pt")["model"]
+    train(settings, resume=True, progress=False)
+    at_four = load_checkpoint(tmp_path / "freeze" / "last.pt")["model"]
+    running = [k for k in at_two if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in at_two if k.endswith("weight")]
+    assert running and max((at_two[k] - at_four[k]).abs().max().item() for k in running) == 0.0
+    assert max((at_two[k] - at_four[k]).abs().max().item() for k in weights) > 1e-5
+    # Without the freeze the statistics keep moving over the same steps.
+    train(_settings(synth_root, tmp_path / "moving", steps=4), progress=False)
+    moving = load_checkpoint(tmp_path / "moving" / "last.pt")["model"]
+    assert max((at_two[k] - moving[k]).abs().max().item() for k in running) > 1e-4

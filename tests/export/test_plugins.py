@@ -122,18 +122,24 @@ def runner(library):
     return load_benchmark_module().KernelRunner(library)
 
 
-def relative_error(actual: torch.Tensor, expected: np.ndarray) -> float:
-    actual = actual.detach().cpu().double().numpy()
+def relative_error(actual: torch.Tensor | np.ndarray, expected: np.ndarray) -> float:
+    actual = torch.as_tensor(actual).detach().cpu().double().numpy()
     assert np.isfinite(actual).all()
     return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
-def make_inputs(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+def input_array(kind: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """float64 inputs of a KINDS kind: standard normal, "zero_channels" (every third row of axis 1 zero) or
+    "large" (uniform in [-1e4, 1e4])."""
     rng = np.random.default_rng(seed)
     array = rng.uniform(-1e4, 1e4, shape) if kind == "large" else rng.standard_normal(shape)
     if kind == "zero_channels":
         array[:, ::3] = 0.0
-    return torch.from_numpy(array).to(dtype).cuda()
+    return array
+
+
+def make_inputs(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return torch.from_numpy(input_array(kind, shape, seed)).to(dtype).cuda()
 
 
 def as_numpy(tensor: torch.Tensor) -> np.ndarray:

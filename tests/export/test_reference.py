@@ -156,3 +156,70 @@ def test_op_specs_describe_the_reference():
         "scale": None,
         "epsilon": 1e-6,
     }
+
+
+REAL_FP64_TOLERANCE = 1e-12  # the same math: torch in float64 and the reference agree to rounding
+EPSILON = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+def _check_real(torch_op, reference_op, inputs: list[torch.Tensor], largest_logit: float, **attributes) -> int:
+    """Compare an op on real features: fp32 torch vs the reference within 1e-6, float64 torch within 1e-12
+    (the same math) — or, where a softmax sees large logits, within what the precision can resolve: a logit
+    of magnitude L carries L * epsilon of rounding, which the softmax passes on (x 16 margin)."""
+    expected = reference_op(*(t.numpy() for t in inputs), **attributes)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for precision, floor in ((torch.float32, TOLERANCE), (torch.float64, REAL_FP64_TOLERANCE)):
+        tolerance = max(floor, 16 * EPSILON[precision] * largest_logit)
+        actual = torch_op(*(t.to(precision) for t in inputs))
+        actual = actual if isinstance(actual, tuple) else (actual,)
+        for a, e in zip(actual, expected, strict=True):
+            assert relative_error(a.numpy(), e) <= tolerance, (torch_op.__name__, precision, tolerance)
+    return len(expected)
+
+
+@torch.no_grad()
+def test_references_on_real_features(davis16):
+    """The ops' inputs as the model really produces them: IMA4/IMA5 squeezed features, IMA keys/values
+    and IFA memory entries of the shipped tiny model on blackswan frames (with DIS flow)."""
+    from dpa.runtime.flow import create_flow_estimator, flow_to_rgb
+    from dpa.runtime.preprocess import preprocess_flow, preprocess_rgb, read_rgb
+    from dpa.training.checkpoint import load_model
+    from dpa.training.model import MODALITIES
+
+    model, _ = load_model("tiny")
+    size = model.config.size
+    paths = sorted((davis16 / "blackswan" / "JPEGImages").glob("*.jpg"))[:4]
+    frames = [read_rgb(p) for p in paths]
+    estimator = create_flow_estimator("dis")
+    flows = [flow_to_rgb(estimator(a, b)) for a, b in zip(frames, frames[1:] + frames[:1], strict=True)]
+    rgb = torch.from_numpy(np.stack([preprocess_rgb(f, size) for f in frames]))
+    flow = torch.from_numpy(np.stack([preprocess_flow(f, size) for f in flows]))
+    encoded = model.encode(rgb, flow)
+    checked = 0
+    for block, block_features in (("4", encoded.f4), ("5", encoded.f5)):
+        squeeze, ima = getattr(model, f"squeeze{block}"), getattr(model, f"ima{block}")
+        squeezed = {m: squeeze[m](block_features[m]).flatten(2) for m in MODALITIES}
+        for m in MODALITIES:
+            largest = squeezed[m].abs().max().item()  # the soft-region softmax runs on the features themselves
+            checked += _check_real(attention.prototypes, reference.prototypes, [squeezed[m]], largest)
+            checked += _check_real(attention.prototype_correlation, reference.prototype_correlation, [squeezed[m]],
+                                   largest)
+        shape = block_features["appearance"].shape
+        embedded = {m: attention.prototype_correlation(squeezed[m]).view(shape[0], -1, *shape[2:]) for m in MODALITIES}
+        keys = [ima.key[m](embedded[m]).flatten(2) for m in MODALITIES]
+        values = [ima.value[m](embedded[m]).flatten(2) for m in MODALITIES]
+        scale = 1 / math.sqrt(keys[0].shape[-1])
+        largest = (torch.bmm(keys[0], keys[1].transpose(1, 2)).abs().max() * scale).item()
+        checked += _check_real(attention.cross_modal_attention, reference.cross_modal_attention, keys + values,
+                               largest, scale=scale)
+    # IFA: frames 1..3 form the memory of frame 0.
+    entries = model.memory_entry({m: encoded.f5[m][1:] for m in MODALITIES})
+    for m in MODALITIES:
+        memory_keys, memory_values = (t[None] for t in entries[m])  # (1, 3, T, D)
+        query = model.squeeze5[m](encoded.f5[m][:1]).flatten(2)
+        scale = 1 / math.sqrt(query.shape[1])
+        tokens = attention.prototypes(query)
+        largest = (torch.bmm(tokens, memory_keys.flatten(1, 2).transpose(1, 2)).abs().max() * scale).item()
+        checked += _check_real(attention.prototype_memory_read, reference.prototype_memory_read,
+                               [query, memory_keys, memory_values, torch.ones(1, 3)], largest, scale=scale)
+    assert checked == 14

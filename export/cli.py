@@ -1,0 +1,107 @@
+"""Subcommands of dpa.export: `export` (stage graphs + manifest) and `check` (ONNX Runtime vs PyTorch).
+
+Heavy modules (torch, onnx, onnxruntime) are imported inside `run`, so `dpa --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from dpa.cli import command
+
+log = logging.getLogger(__name__)
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", metavar="CKPT",
+                        help="checkpoint path or shipped name (tiny); without it the config's seeded random "
+                        "initialisation is exported (a warning; the manifest says so)")
+    parser.add_argument("--config", help="preset (paper-i … paper-xi, paper, tiny); with --checkpoint only to "
+                        "assert its architecture; without, the model to initialise (default paper-iv)")
+    parser.add_argument("--size", type=int, help="input size S, a multiple of 32 (default: the config's)")
+    parser.add_argument("--memory", type=int, help="memory capacity N, reference frames (default: the config's)")
+    parser.add_argument("--width", type=float, help="without --checkpoint: channel width multiplier override")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder for the .onnx files and manifest.json")
+    parser.add_argument("--form", default="functions",
+                        help="functions (custom nodes with standard-op function bodies: ONNX Runtime and TensorRT "
+                        ">= 10.7; default), plugin (custom nodes only: TensorRT <= 10.6 with the plugin library), "
+                        "portable (standard ops only), or all")
+    parser.add_argument("--init", choices=("random", "calibrated"), default="random",
+                        help="without --checkpoint: random (build_model's seeded initialisation, default) or "
+                        "calibrated (the same weights scale-calibrated on a synthetic clip so that every layer has "
+                        "a trained network's gain; saved as DIR/untrained.pt) — for parity checks of untrained "
+                        "paper-size models, whose raw initialisation amplifies fp32 rounding past 1e-4")
+    parser.add_argument("--calibration-clip", metavar="PATH",
+                        help="with --init calibrated: a clip folder (JPEGImages/ or images) to calibrate on instead "
+                        "of a synthetic clip; natural video gives the untrained network a realistic range")
+    parser.add_argument("--opset", type=int, default=18, help="ai.onnx opset, 18-21 (default 18)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip running each file in ONNX Runtime against PyTorch right after export")
+
+
+@command("export", "export stage graphs (encoder, ima, ifa_memory, decoder) as ONNX with a manifest",
+         arguments=_export_arguments)
+def run_export(args: argparse.Namespace) -> int:
+    from dpa.errors import DpaError
+    from dpa.export.exporter import export_stage_graphs, model_for_export, parse_forms
+
+    forms = parse_forms(args.form)
+    if not 18 <= args.opset <= 21:
+        raise DpaError(f"--opset {args.opset}: choose 18 to 21")
+    model, weights = model_for_export(args.checkpoint, args.config, args.size, args.memory, init=args.init,
+                                      out=args.out, width=args.width,
+                                      calibration_clip=args.calibration_clip)
+    config = model.config
+    log.info("model %s, S %d, N %d, weights: %s", config.name, config.size, config.memory,
+             weights.path if weights.init == "checkpoint" else f"{weights.init} initialisation, seed {weights.seed}")
+    manifest = export_stage_graphs(model, args.out, weights, forms=forms, opset=args.opset, verify=not args.no_verify)
+    for name, graph in manifest["graphs"].items():
+        sizes = ", ".join(f"{file} {size / 2**20:.1f} MiB" for file, size in graph["bytes"].items())
+        nodes = graph["custom_nodes"][manifest["forms"][0]]
+        custom = ", ".join(f"{op} x{count}" for op, count in nodes.items()) or "no custom nodes"
+        print(f"{name:<11} {graph['export_seconds']:6.1f} s  {sizes}  ({custom})")
+    print(f"manifest: {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", metavar="DIR", help="a `dpa export` output folder")
+    parser.add_argument("--checkpoint", metavar="CKPT",
+                        help="the checkpoint the graphs were exported from (not needed for a random-init export)")
+    parser.add_argument("--clip", metavar="PATH",
+                        help="a sequence folder with JPEGImages/ or a folder of images (default: a synthetic clip)")
+    parser.add_argument("--frames", type=int, default=8,
+                        help="frames to compare, spread over the clip (default 8); the memory is sampled over the "
+                        "whole clip")
+    parser.add_argument("--clip-length", type=int, default=12, help="synthetic clip length (default 12)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic clip and garbage seed (default 0)")
+    parser.add_argument("--form", choices=("functions", "portable"),
+                        help="which exported form to run (default functions, else portable)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
+    parser.add_argument("--fp64", action="store_true",
+                        help="also evaluate the PyTorch chain in float64 and report how far PyTorch fp32 and ONNX "
+                        "Runtime each are from it (tells export errors from fp32 rounding the network amplifies)")
+    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+
+
+@command("check", "compare exported stage graphs (ONNX Runtime, chained) with the PyTorch model on real frames",
+         arguments=_check_arguments)
+def run_check(args: argparse.Namespace) -> int:
+    from dpa.errors import DpaError
+    from dpa.export.check import check_export, format_report
+
+    if args.frames < 1:
+        raise DpaError("--frames must be at least 1")
+    report = check_export(args.directory, checkpoint=args.checkpoint, clip=args.clip, frames=args.frames,
+                          clip_length=args.clip_length, seed=args.seed, form=args.form, threads=args.threads,
+                          fp64=args.fp64)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        log.info("wrote %s", args.json)
+    return 0 if report["ok"] else 1

@@ -289,6 +289,31 @@ def _parse_davis_image_set(path: Path) -> dict[str, list[str] | None]:
     return listing
 
 
+def _folder_sequence(
+    name: str,
+    rgb_dir: Path,
+    mask_dir: Path,
+    flow_dir: Path,
+    skipped: list[str],
+    *,
+    flow: dict[str, Path] | None = None,
+    **options,
+) -> VideoSequence | None:
+    """`_assemble` for a sequence whose frames, masks and flow images are `<frame>.*` files in three folders.
+
+    flow: the flow files when found elsewhere than flow_dir (new flow is still written to flow_dir).
+    """
+    return _assemble(
+        name,
+        _files_by_stem(rgb_dir, IMAGE_SUFFIXES),
+        _files_by_stem(mask_dir, MASK_SUFFIXES),
+        flow if flow is not None else _files_by_stem(flow_dir, FLOW_SUFFIXES),
+        lambda frame: flow_dir / f"{frame}.png",
+        skipped,
+        **options,
+    )
+
+
 def load_davis2016(root: str | Path, split: str = "train", flow_root: str | Path | None = None) -> DatasetListing:
     """DAVIS 2016 in its official layout; split "train", "val" or "all" (ImageSets, see the module doc)."""
     root = _existing_root(root)
@@ -302,16 +327,9 @@ def load_davis2016(root: str | Path, split: str = "train", flow_root: str | Path
         flow = _files_by_stem(flow_dir, FLOW_SUFFIXES)
         if not flow:
             flow = _files_by_stem(_mirror(root, flow_root, root / "JPEGFlows" / "480p" / name), FLOW_SUFFIXES)
-        sequence = _assemble(
-            name,
-            _files_by_stem(images / name, IMAGE_SUFFIXES),
-            _files_by_stem(root / "Annotations" / "480p" / name, MASK_SUFFIXES),
-            flow,
-            lambda frame, flow_dir=flow_dir: flow_dir / f"{frame}.png",
-            skipped,
-            root=root,
-            layout="davis2016",
-            frames=frames,
+        sequence = _folder_sequence(
+            name, images / name, root / "Annotations" / "480p" / name, flow_dir, skipped,
+            flow=flow, root=root, layout="davis2016", frames=frames,
         )
         if sequence is not None:
             sequences.append(sequence)
@@ -342,17 +360,9 @@ def load_youtube_vos(root: str | Path, split: str = "train", flow_root: str | Pa
     sequences = []
     for name in _subdirectories(base / "JPEGImages"):
         flow_dir = _mirror(root, flow_root, base / "FLOW" / name)
-        sequence = _assemble(
-            name,
-            _files_by_stem(base / "JPEGImages" / name, IMAGE_SUFFIXES),
-            _files_by_stem(base / "Annotations" / name, MASK_SUFFIXES),
-            _files_by_stem(flow_dir, FLOW_SUFFIXES),
-            lambda frame, flow_dir=flow_dir: flow_dir / f"{frame}.png",
-            skipped,
-            root=root,
-            layout="youtube-vos",
-            masks_expected=False,
-            mask_labels=True,
+        sequence = _folder_sequence(
+            name, base / "JPEGImages" / name, base / "Annotations" / name, flow_dir, skipped,
+            root=root, layout="youtube-vos", masks_expected=False, mask_labels=True,
         )
         if sequence is not None:
             sequences.append(sequence)
@@ -374,15 +384,8 @@ def load_preprocessed(root: str | Path, split: str = "train", flow_root: str | P
         # one folder per sequence: RGB/<seq>/<frame>.*
         for name in _subdirectories(base / "RGB"):
             flow_dir = _mirror(root, flow_root, base / "FLOW" / name)
-            sequence = _assemble(
-                name,
-                _files_by_stem(base / "RGB" / name, IMAGE_SUFFIXES),
-                _files_by_stem(base / "GT" / name, MASK_SUFFIXES),
-                _files_by_stem(flow_dir, FLOW_SUFFIXES),
-                lambda frame, flow_dir=flow_dir: flow_dir / f"{frame}.png",
-                skipped,
-                root=root,
-                layout="preprocessed",
+            sequence = _folder_sequence(
+                name, base / "RGB" / name, base / "GT" / name, flow_dir, skipped, root=root, layout="preprocessed"
             )
             if sequence is not None:
                 sequences.append(sequence)
@@ -460,15 +463,8 @@ def load_image_folders(root: str | Path, flow_root: str | Path | None = None) ->
         if not (root / name / "JPEGImages").is_dir():
             continue
         flow_dir = _mirror(root, flow_root, root / name / "FLOW")
-        sequence = _assemble(
-            name,
-            _files_by_stem(root / name / "JPEGImages", IMAGE_SUFFIXES),
-            _files_by_stem(root / name / "Annotations", MASK_SUFFIXES),
-            _files_by_stem(flow_dir, FLOW_SUFFIXES),
-            lambda frame, flow_dir=flow_dir: flow_dir / f"{frame}.png",
-            skipped,
-            root=root,
-            layout="images",
+        sequence = _folder_sequence(
+            name, root / name / "JPEGImages", root / name / "Annotations", flow_dir, skipped, root=root, layout="images"
         )
         if sequence is not None:
             sequences.append(sequence)

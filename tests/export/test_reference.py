@@ -178,15 +178,13 @@ def _check_real(torch_op, reference_op, inputs: list[torch.Tensor], largest_logi
 
 
 @torch.no_grad()
-def test_references_on_real_features(davis16):
-    """The ops' inputs as the model really produces them: IMA4/IMA5 squeezed features, IMA keys/values
-    and IFA memory entries of the shipped tiny model on blackswan frames (with DIS flow)."""
+def _check_ops_on_real_features(model, davis16) -> int:
+    """The ops' inputs as a model really produces them on blackswan frames (DIS flow): IMA4/IMA5 squeezed
+    features, IMA keys/values and IFA memory entries. Returns the number of comparisons."""
     from dpa.runtime.flow import create_flow_estimator, flow_to_rgb
     from dpa.runtime.preprocess import preprocess_flow, preprocess_rgb, read_rgb
-    from dpa.training.checkpoint import load_model
     from dpa.training.model import MODALITIES
 
-    model, _ = load_model("tiny")
     size = model.config.size
     paths = sorted((davis16 / "blackswan" / "JPEGImages").glob("*.jpg"))[:4]
     frames = [read_rgb(p) for p in paths]
@@ -222,4 +220,21 @@ def test_references_on_real_features(davis16):
         largest = (torch.bmm(tokens, memory_keys.flatten(1, 2).transpose(1, 2)).abs().max() * scale).item()
         checked += _check_real(attention.prototype_memory_read, reference.prototype_memory_read,
                                [query, memory_keys, memory_values, torch.ones(1, 3)], largest, scale=scale)
-    assert checked == 14
+    return checked
+
+
+def test_references_on_real_features_of_the_shipped_tiny_model(davis16):
+    from dpa.training.checkpoint import load_model
+
+    assert _check_ops_on_real_features(load_model("tiny")[0], davis16) == 14
+
+
+@pytest.mark.slow
+def test_references_on_real_features_of_a_unit_scaled_paper_network(davis16):
+    """The paper network (full width, S = 128) with its seeded initialisation scaled to unit activations on
+    the DAVIS dog clip: feature magnitudes ~10, as a trained network has, unlike the scratch-trained tiny."""
+    from dpa.export.untrained import calibrated_model
+    from dpa.training.config import get_config
+
+    model, _ = calibrated_model(get_config("paper-iv", size=128), clip=davis16 / "dog")
+    assert _check_ops_on_real_features(model, davis16) == 14

@@ -1,0 +1,49 @@
+"""The shipped tiny checkpoint: small, loadable by name, accurate on held-out synthetic clips; the demo."""
+
+import json
+
+import cv2
+import pytest
+
+from dpa.cli import main
+from dpa.training.checkpoint import load_model, resolve_checkpoint
+from dpa.training.synth import write_dataset
+
+
+def test_tiny_is_shipped_small_and_addressable_by_name():
+    path = resolve_checkpoint("tiny")
+    assert path.stat().st_size <= 5 * 1024 * 1024
+    model, payload = load_model("tiny")
+    assert payload["config"]["name"] == "tiny" and model.config.size == 128
+    assert "optimizer" not in payload  # the shipped file carries weights, config, step and metrics only
+
+
+# Measured J-mean of the shipped checkpoint on the 20 held-out clips: 0.7882 (README). The foundation
+# issue's target is 0.85 and is not reached yet; this floor guards the shipped model against regressions.
+HELD_OUT_J_FLOOR = 0.78
+
+
+@pytest.mark.slow
+def test_tiny_j_on_20_held_out_clips(tmp_path):
+    # Seed 1000 was never used for training (the training set is seed 0); DIS flow as the runtime uses.
+    write_dataset(tmp_path, clips=20, frames=12, size=128, seed=1000, split="test", progress=False)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", "tiny", "--data", str(tmp_path), "--split", "test", "--flow", "files",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["sequences"]) == 20
+    assert result["dataset"]["J_mean"] >= HELD_OUT_J_FLOOR, result["dataset"]
+
+
+def test_demo_writes_masks_video_and_report(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--frames", "8", "--frame-size", "160"]) == 0
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "overlay.mp4") in printed and str(tmp_path / "report.md") in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 8
+    video = cv2.VideoCapture(str(tmp_path / "overlay.mp4"))
+    frames = 0
+    while video.read()[0]:
+        frames += 1
+    assert frames == 8
+    assert report["J_mean"] >= 0.7, report["J_mean"]  # one short clip: looser than the 20-clip bar

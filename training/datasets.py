@@ -624,7 +624,23 @@ def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(mask.astype(np.float32)[None])  # (1, S, S) in {0, 1}
 
 
-class SaliencyDataset(Dataset):
+class _SeededItems(Dataset):
+    """Item i of epoch e is `sample(i, default_rng([seed, e, i]))`: the same in every worker, process and
+    resumed run. Subclasses set `seed`, `epoch` and `unreadable` and implement `sample`."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable files met so far in this process."""
+        return len(self.unreadable.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.sample(index, np.random.default_rng([self.seed, self.epoch, index]))
+
+
+class SaliencyDataset(_SeededItems):
     """Stage 1: still (image, mask) pairs (DUTS) for the appearance branch.
 
     Item: {"rgb": (3, S, S) float32 ImageNet-normalised, "flow": (3, S, S) float32 = the (augmented) RGB
@@ -654,17 +670,6 @@ class SaliencyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def skipped(self) -> int:
-        """Unreadable files met so far in this process."""
-        return len(self.unreadable.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.sample(index, np.random.default_rng([self.seed, self.epoch, index]))
-
     def sample(self, index: int, rng: np.random.Generator) -> dict:
         """Item `index` with all randomness from `rng` (used by `MixedDataset`)."""
         params = draw_augment_params(rng, self.augment_config) if self.augment else None
@@ -689,7 +694,7 @@ class SaliencyDataset(Dataset):
         }
 
 
-class ClipDataset(Dataset):
+class ClipDataset(_SeededItems):
     """Stage 2: a query frame plus N reference frames of the same video.
 
     Queries are frames with a mask and a flow image; references are drawn uniformly from the video's
@@ -753,17 +758,6 @@ class ClipDataset(Dataset):
 
     def __len__(self) -> int:
         return self.samples_per_epoch if self.samples_per_epoch is not None else len(self.queries)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def skipped(self) -> int:
-        """Unreadable files met so far in this process."""
-        return len(self.unreadable.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.sample(index, np.random.default_rng([self.seed, self.epoch, index]))
 
     def _random_query(self, rng: np.random.Generator) -> tuple[int, int]:
         s = self.query_sequences[int(rng.integers(len(self.query_sequences)))]

@@ -258,7 +258,7 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
     if settings.freeze_batch_norm:
         freeze_batch_norm(model)
     step = start
-    running, started = 0.0, time.perf_counter()
+    running, unlogged, started = 0.0, 0, time.perf_counter()  # loss sum and step count since the last record
     freeze_from = settings.freeze_batch_norm_from
     freeze_step = None if freeze_from is None else int(freeze_from * settings.steps)
     for batch in loader:
@@ -276,21 +276,21 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
         optimizer.step()
         step += 1
         running += loss.item()
+        unlogged += 1
         if rank == 0:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % settings.log_every == 0 or step == stop:
-                count = settings.log_every if step % settings.log_every == 0 else (step - start) % settings.log_every
                 record = {
                     "step": step,
-                    "loss": running / max(count, 1),
+                    "loss": running / unlogged,
                     "lr": optimizer.param_groups[0]["lr"],
                     "seconds": time.perf_counter() - started,
                 }
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                running = 0.0
+                running, unlogged = 0.0, 0
             if step % settings.save_every == 0 and step != stop:
                 _save(last, model, config, settings, optimizer, step)
     if bar is not None:

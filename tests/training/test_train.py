@@ -96,3 +96,18 @@ def test_batch_norm_statistics_stop_changing_after_the_freeze_step(synth_root, t
     train(_settings(synth_root, tmp_path / "moving", steps=4), progress=False)
     moving = load_checkpoint(tmp_path / "moving" / "last.pt")["model"]
     assert max((at_two[k] - moving[k]).abs().max().item() for k in running) > 1e-4
+
+
+def test_logged_loss_averages_the_steps_since_the_last_record_across_a_resume(synth_root, tmp_path):
+    def records(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+    train(_settings(synth_root, tmp_path / "straight", steps=6, log_every=2), progress=False)
+    train(_settings(synth_root, tmp_path / "split", steps=6, log_every=2), until=3, progress=False)
+    train(_settings(synth_root, tmp_path / "split", steps=6, log_every=2), resume=True, progress=False)
+    straight, split = records(tmp_path / "straight"), records(tmp_path / "split")
+    assert sorted(straight) == [2, 4, 6] and sorted(split) == [2, 3, 4, 6]
+    # The split run logs step 3 alone (its stop) and step 4 alone (the first step after the resume).
+    assert (split[3] + split[4]) / 2 == pytest.approx(straight[4], rel=1e-9)
+    assert split[6] == pytest.approx(straight[6], rel=1e-9)

@@ -46,11 +46,11 @@ def write_video(path: Path, frames_bgr: list[np.ndarray], fps: float = 10.0) -> 
 
 def run_offline_demo(checkpoint: str, out: Path, seed: int, frames: int, frame_size: int) -> dict:
     """Run the demo; returns the report dict (also written to out/report.json and out/report.md)."""
-    from dpa.runtime.flow import create_flow_estimator, flow_to_rgb, offline_flow
-    from dpa.runtime.preprocess import postprocess_probability, preprocess_flow, preprocess_rgb
+    from dpa.runtime.flow import create_flow_estimator
+    from dpa.runtime.preprocess import postprocess_probability
     from dpa.training.checkpoint import load_model
     from dpa.training.evaluate import score_sequence
-    from dpa.training.inference import OfflinePredictor
+    from dpa.training.inference import OfflinePredictor, preprocess_video, render_offline_flow
     from dpa.training.synth import generate_clip
 
     try:
@@ -62,10 +62,9 @@ def run_offline_demo(checkpoint: str, out: Path, seed: int, frames: int, frame_s
     clip, masks = generate_clip(np.random.default_rng(seed), frames, frame_size)
     estimator = create_flow_estimator("dis")
     started = time.perf_counter()
-    flow_images = [flow_to_rgb(offline_flow(clip, i, estimator)) for i in range(len(clip))]
+    flow_images = render_offline_flow(clip, estimator)
     flow_seconds = time.perf_counter() - started
-    rgb = np.stack([preprocess_rgb(frame, size) for frame in clip])
-    flow = np.stack([preprocess_flow(image, size) for image in flow_images])
+    rgb, flow = preprocess_video(clip, flow_images, size)
     started = time.perf_counter()
     probabilities = OfflinePredictor(model).predict(rgb, flow)
     model_seconds = time.perf_counter() - started

@@ -64,6 +64,24 @@ class OfflinePredictor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
 
 
+def render_offline_flow(frames: list[np.ndarray], estimator) -> list[np.ndarray]:
+    """Flow images (H, W, 3) uint8 of RGB frames, offline direction (t -> t+1; the last frame -flow(t -> t-1))."""
+    from dpa.runtime.flow import flow_to_rgb, offline_flow
+
+    return [flow_to_rgb(offline_flow(frames, i, estimator)) for i in range(len(frames))]
+
+
+def preprocess_video(
+    frames: list[np.ndarray], flow_images: list[np.ndarray], size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """RGB frames and their flow images (uint8) -> model inputs rgb, flow (L, 3, S, S) float32 (SPEC §2.1)."""
+    from dpa.runtime.preprocess import preprocess_flow, preprocess_rgb
+
+    rgb = np.stack([preprocess_rgb(frame, size) for frame in frames])
+    flow = np.stack([preprocess_flow(image, size) for image in flow_images])
+    return rgb, flow
+
+
 def load_video(sequence, size: int, flow_mode: str = "auto", estimator=None):
     """Read and pre-process every frame of a `VideoSequence`.
 
@@ -71,8 +89,8 @@ def load_video(sequence, size: int, flow_mode: str = "auto", estimator=None):
     with DIS now, offline direction t -> t+1 as the training data), "auto" (files when every frame has
     one, else DIS). Returns (rgb (L,3,S,S), flow (L,3,S,S), frames RGB uint8 list, flow source name).
     """
-    from dpa.runtime.flow import create_flow_estimator, flow_to_rgb, offline_flow
-    from dpa.runtime.preprocess import preprocess_flow, preprocess_rgb, read_rgb
+    from dpa.runtime.flow import create_flow_estimator
+    from dpa.runtime.preprocess import read_rgb
 
     frames = [read_rgb(path) for path in sequence.rgb]
     have_files = all(path is not None and Path(path).is_file() for path in sequence.flow)
@@ -83,10 +101,9 @@ def load_video(sequence, size: int, flow_mode: str = "auto", estimator=None):
         source = "files"
     else:
         estimator = estimator or create_flow_estimator("dis")
-        flow_images = [flow_to_rgb(offline_flow(frames, i, estimator)) for i in range(len(frames))]
+        flow_images = render_offline_flow(frames, estimator)
         source = f"{estimator.name} (offline: forward flow t->t+1)"
-    rgb = np.stack([preprocess_rgb(frame, size) for frame in frames])
-    flow = np.stack([preprocess_flow(image, size) for image in flow_images])
+    rgb, flow = preprocess_video(frames, flow_images, size)
     return rgb, flow, frames, source
 
 

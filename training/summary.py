@@ -28,11 +28,12 @@ def stage_of_parameter(name: str, config: ModelConfig) -> str:
     return "decoder"
 
 
-def _flops(function, *args) -> int:
+def _counted(function, *args):
+    """(FLOPs, result) of one call."""
     counter = FlopCounterMode(display=False)
     with counter:
-        function(*args)
-    return int(counter.get_total_flops())
+        result = function(*args)
+    return int(counter.get_total_flops()), result
 
 
 @torch.no_grad()
@@ -46,26 +47,18 @@ def summarize(config: ModelConfig, model: DPA | None = None) -> dict:
     size = config.size
     rgb = torch.zeros(1, 3, size, size)
     flops = dict.fromkeys(STAGES, 0)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        encoded = model.encode(rgb, rgb)
-    flops["encoder"] = int(counter.get_total_flops())
+    flops["encoder"], encoded = _counted(model.encode, rgb, rgb)
     ima5 = None
     if config.uses_ima:
-        flops["ima"] = _flops(model.ima_block5, encoded.f5)
-        ima5 = model.ima_block5(encoded.f5)
+        flops["ima"], ima5 = _counted(model.ima_block5, encoded.f5)
     memory = valid = None
     if config.uses_ifa:
-        flops["ifa_memory"] = _flops(model.memory_entry, encoded.f5)
-        entry = model.memory_entry(encoded.f5)
+        flops["ifa_memory"], entry = _counted(model.memory_entry, encoded.f5)
         memory = {
             m: tuple(t[:, None].expand(-1, config.memory, *t.shape[1:]) for t in entry[m]) for m in MODALITIES
         }
         valid = torch.ones(1, config.memory, dtype=torch.bool)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model.decode(encoded, ima5, memory, valid)
-    flops["decoder"] = int(counter.get_total_flops())
+    flops["decoder"], _ = _counted(model.decode, encoded, ima5, memory, valid)
 
     return {
         "config": config.name,

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 
 from dpa.errors import DpaError
-from dpa.export.chain import MemoryBank, StageChain, load_manifest, onnxruntime_sessions
 from dpa.export.frames import load_clip, preprocess_clip, synthetic_clip
 from dpa.export.graphs import ENTRY_OUTPUTS, PROBABILITY
-from dpa.training.model import DPA, MODALITIES, Encoded, frames_for_references
+from dpa.runtime.chain import MemoryBank, StageChain, load_manifest, onnxruntime_sessions
+from dpa.runtime.memory import frames_for_references
+from dpa.training.model import DPA, MODALITIES, Encoded
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import torch
 
 from dpa.errors import DpaError
 from dpa.export import functions, graphs, ops
-from dpa.export.chain import FORMS, MANIFEST_FORMAT, MANIFEST_NAME
 from dpa.export.reference import OP_SPECS, PLUGIN_DOMAIN, PLUGIN_VERSION
+from dpa.runtime.chain import FORMS, MANIFEST_FORMAT, MANIFEST_NAME
 from dpa.training.model import DPA, count_parameters
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from dpa.errors import DpaError
-from dpa.training.model import DPA, MODALITIES, frames_for_references
+from dpa.runtime.memory import frames_for_references
+from dpa.training.model import DPA, MODALITIES
 
 log = logging.getLogger(__name__)
 

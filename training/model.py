@@ -10,7 +10,6 @@ The network is written as the stages the deployment runs (SPEC §4.1), so export
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -424,10 +423,3 @@ def memory_tokens(config: ModelConfig) -> int:
 
 def block5_side(config: ModelConfig) -> int:
     return config.size // 16
-
-
-def frames_for_references(length: int, memory: int) -> list[int]:
-    """The paper's reference sampling over a video of `length` frames: k_i = floor(i (L-1) / (N-1))."""
-    if memory == 1:
-        return [0]
-    return [math.floor(i * (length - 1) / (memory - 1)) for i in range(memory)]

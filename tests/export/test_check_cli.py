@@ -122,7 +122,7 @@ def test_chain_and_frames_import_without_torch():
     """The chaining helper is for the torch-free runtime."""
     code = (
         "import sys\n"
-        "import dpa.export.chain, dpa.export.frames\n"
+        "import dpa.runtime.chain, dpa.export.frames\n"
         "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not loaded, loaded[:5]\n"
     )

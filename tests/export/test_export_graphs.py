@@ -10,8 +10,9 @@ import onnx
 import pytest
 import torch
 
-from dpa.export import chain, check, exporter, graphs
+from dpa.export import check, exporter, graphs
 from dpa.export.reference import PLUGIN_DOMAIN
+from dpa.runtime import chain
 from dpa.training.checkpoint import file_sha256
 from dpa.training.config import get_config
 

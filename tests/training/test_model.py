@@ -12,7 +12,6 @@ from dpa.training.model import (
     VGG16_CONV_INDICES,
     build_model,
     count_parameters,
-    frames_for_references,
 )
 
 # Paper Table 2 (millions of parameters).
@@ -144,9 +143,3 @@ def test_prototypes_and_correlation_by_hand():
     psi = attention.correlation(tokens, x)
     # Pixels 0 and 1 are zero vectors: cosine 0. Pixel 2 = (0, 100) is parallel to both prototypes.
     torch.testing.assert_close(psi, torch.tensor([[[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]]))
-
-
-def test_reference_sampling_formula():
-    assert frames_for_references(50, 4) == [0, 16, 32, 49]
-    assert frames_for_references(10, 5) == [0, 2, 4, 6, 9]
-    assert frames_for_references(7, 1) == [0]

@@ -12,6 +12,7 @@ Values are named by their pipeline source: "frame/rgb", "<graph>/<output>", "mem
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -156,6 +157,7 @@ class StageChain:
         self._outputs = {
             name: [tensor["name"] for tensor in graph["outputs"]] for name, graph in manifest["graphs"].items()
         }
+        self.seconds: dict[str, float] = {}  # graph -> wall seconds of its runs since `reset_seconds`
 
     def run_graph(
         self, graph: str, sources: Mapping[str, str], values: Mapping[str, np.ndarray]
@@ -167,8 +169,15 @@ class StageChain:
             if source not in values:
                 raise DpaError(f"graph {graph} input {tensor['name']} needs {source}, which is not computed yet")
             feed[tensor["name"]] = _conform(values[source], tensor, f"{graph}/{tensor['name']}")
+        started = time.perf_counter()
         outputs = self.sessions[graph].run(self._outputs[graph], feed)
+        self.seconds[graph] = self.seconds.get(graph, 0.0) + time.perf_counter() - started
         return {f"{graph}/{name}": array for name, array in zip(self._outputs[graph], outputs, strict=True)}
+
+    def reset_seconds(self) -> dict[str, float]:
+        """The per-graph seconds accumulated since the last call (graph -> seconds), then start again from zero."""
+        seconds, self.seconds = self.seconds, {}
+        return seconds
 
     def frame_values(self, rgb: np.ndarray, flow: np.ndarray) -> dict[str, np.ndarray]:
         """The pipeline's frame inputs: rgb, flow (3, S, S) or (1, 3, S, S) float32 pre-processed."""

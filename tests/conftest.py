@@ -14,3 +14,13 @@ def davis16() -> Path:
     if not (DAVIS16 / "blackswan" / "Annotations").is_dir():
         pytest.skip(f"DAVIS 2016 sample data not found at {DAVIS16}")
     return DAVIS16
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """The shipped tiny checkpoint exported once per test session (functions form, S = 128, N = 4)."""
+    from dpa.cli import main
+
+    directory = tmp_path_factory.mktemp("tiny-export")
+    assert main(["export", "--checkpoint", "tiny", "--out", str(directory)]) == 0
+    return directory

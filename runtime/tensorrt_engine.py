@@ -1,0 +1,465 @@
+"""TensorRT backend: a plan per stage graph, built with the plugin library, cached by a hash of everything that
+invalidates it, and run with cuda-python on one stream with buffers allocated once. Needs an NVIDIA GPU.
+
+Written against the TensorRT 10.x and 11.x Python API (enum names only, no precision builder flags on 11.x).
+The pure decisions — plan hash and file names, the form to build, the builder flags per TensorRT version —
+are plain functions tested without TensorRT; the rest is a thin layer over TensorRT and the CUDA runtime.
+This module imports without tensorrt and cuda-python; they are imported when an engine is opened.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from dpa.errors import DpaError, require_module
+from dpa.runtime.chain import graph_file
+from dpa.runtime.engines import Engine, GraphLoad, parse_device
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = "dpa-plan/1"  # part of every plan hash: change it when the build recipe changes
+MINIMUM_TENSORRT = (10, 3)
+PLUGIN_PREFERRED_FROM = (10, 7)  # TensorRT's ONNX parser prefers a registered plugin over a local function
+INSTALL_HINT = ("the `tensorrt` extra: pip install 'dpa-edge[tensorrt]' on RTX desktops; on Jetson JetPack's "
+                "python3-libnvinfer plus pip install cuda-python")
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """The GPU a plan is built for: name and compute capability (major, minor)."""
+
+    name: str
+    compute_capability: tuple[int, int]
+
+    @property
+    def slug(self) -> str:
+        """File-name form, e.g. "nvidia-geforce-rtx-4090-sm89"."""
+        name = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        return f"{name}-sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Builder settings that change a plan (all part of its hash).
+
+    workspace_bytes: the builder's WORKSPACE memory pool limit. strongly_typed: keep every tensor's type from
+    the graph (always on in TensorRT 11; on 10.x off means weak typing with precision flags). tf32: allow TF32
+    for fp32 convolutions and matrix products (off: fp32 plans match ONNX Runtime within 1e-4).
+    """
+
+    workspace_bytes: int = 1 << 30
+    strongly_typed: bool = True
+    tf32: bool = False
+
+
+@dataclass(frozen=True)
+class BuilderPolicy:
+    """How to create the network and builder config: strongly typed or not, BuilderFlag names to set and to
+    clear."""
+
+    strongly_typed: bool
+    set_flags: tuple[str, ...]
+    clear_flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FormChoice:
+    """Which exported form to build and whether its custom nodes become libdpa_plugins.so plugins."""
+
+    form: str
+    uses_plugins: bool
+    note: str
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """"10.3.0.30" -> (10, 3, 0, 30); non-numeric parts end it."""
+    numbers = []
+    for part in version.split("."):
+        digits = re.match(r"\d+", part)
+        if not digits:
+            break
+        numbers.append(int(digits.group()))
+    return tuple(numbers)
+
+
+def builder_policy(tensorrt_version: str, precision: str, settings: BuildSettings = BuildSettings()) -> BuilderPolicy:
+    """The network flag and builder flags for a graph variant of `precision` on a TensorRT version.
+
+    Precision lives in the graph (fp16 variants carry fp16 tensors, int8 variants Q/DQ nodes). TensorRT 11:
+    every network is strongly typed and has no precision flags. TensorRT 10: strongly typed by default
+    (STRONGLY_TYPED network flag: the graph's types are kept and explicit Q/DQ quantization needs no flag);
+    with settings.strongly_typed off, weak typing needs FP16 for the fp16 variant and INT8 for the Q/DQ
+    variant. TF32 is cleared unless settings.tf32.
+    """
+    version = version_tuple(tensorrt_version)
+    if version[:2] < MINIMUM_TENSORRT:
+        raise DpaError(f"TensorRT {tensorrt_version} is too old: this project needs "
+                       f"{'.'.join(map(str, MINIMUM_TENSORRT))} or newer (JetPack 6.1+)")
+    clear = () if settings.tf32 else ("TF32",)
+    if version[0] >= 11 or settings.strongly_typed:
+        return BuilderPolicy(True, (), clear)
+    weak_flags = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8",)}
+    return BuilderPolicy(False, weak_flags[precision], clear)
+
+
+def choose_tensorrt_form(exported: Sequence[str], plugins_loaded: bool, tensorrt_version: str,
+                         form: str | None = None) -> FormChoice:
+    """The form TensorRT builds.
+
+    With the plugin library loaded: `plugin` when exported (custom nodes only; every TensorRT version uses the
+    plugins), else `functions` (TensorRT >= 10.7 swaps the registered plugin in; <= 10.6 imports the function
+    bodies). Without it: `functions` (TensorRT imports the bodies), else `portable`. The `plugin` form without
+    the library is an error. `form` forces one.
+    """
+    plugin_preferred = version_tuple(tensorrt_version)[:2] >= PLUGIN_PREFERRED_FROM
+    if form is None:
+        order = ("plugin", "functions", "portable") if plugins_loaded else ("functions", "portable")
+        form = next((candidate for candidate in order if candidate in exported), None)
+        if form is None:
+            raise DpaError(f"only the {', '.join(exported)} form was exported, whose custom nodes need "
+                           "libdpa_plugins.so: build it (export/plugins/README.md) and pass --plugins, or re-export "
+                           "with --form functions")
+    elif form not in exported:
+        raise DpaError(f"form {form!r} was not exported (exported: {', '.join(exported)})")
+    if form == "plugin":
+        if not plugins_loaded:
+            raise DpaError("the plugin form needs libdpa_plugins.so loaded: build it (export/plugins/README.md) "
+                           "and pass --plugins")
+        return FormChoice(form, True, "custom nodes run as libdpa_plugins.so plugins")
+    if form == "functions" and plugins_loaded and plugin_preferred:
+        return FormChoice(form, True, f"TensorRT {tensorrt_version} swaps the registered plugins in")
+    if form == "functions" and plugins_loaded:
+        return FormChoice(form, False, f"TensorRT {tensorrt_version} (< 10.7) imports the function bodies, not the "
+                          "plugins: re-export with --form plugin (or all) to use libdpa_plugins.so")
+    if form == "functions":
+        return FormChoice(form, False, "no plugin library: the custom nodes run as their standard-op function bodies")
+    return FormChoice(form, False, "standard ops only")
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything that invalidates a plan."""
+
+    onnx_sha256: str
+    precision: str
+    form: str
+    tensorrt_version: str
+    gpu: GpuInfo
+    plugin_sha256: str | None
+    settings: BuildSettings
+
+
+def plan_hash(inputs: PlanInputs) -> str:
+    """sha256 (hex) over the plan format and every field of `inputs`."""
+    fields = {"format": PLAN_FORMAT, **asdict(inputs)}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def plan_file_name(graph: str, inputs: PlanInputs) -> str:
+    """"<graph>-<first 16 hex digits of plan_hash>.plan"."""
+    return f"{graph}-{plan_hash(inputs)[:16]}.plan"
+
+
+def timing_cache_name(tensorrt_version: str, gpu: GpuInfo) -> str:
+    """"timing-<TensorRT version>-<GPU slug>.cache": one timing cache per TensorRT version and GPU."""
+    return f"timing-{tensorrt_version}-{gpu.slug}.cache"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, data) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+# --- TensorRT and CUDA: everything below needs them ---------------------------------------------------------
+
+def import_tensorrt() -> ModuleType:
+    """The tensorrt module, or DpaError naming the package."""
+    return require_module("tensorrt", "tensorrt", f"the TensorRT backend ({INSTALL_HINT})")
+
+
+def import_cudart() -> ModuleType:
+    """cuda-python's CUDA runtime module (cuda.bindings.runtime, or cuda.cudart before cuda-python 12.6)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        return require_module("cuda.cudart", "cuda-python", f"the TensorRT backend ({INSTALL_HINT})")
+    return runtime
+
+
+class Cuda:
+    """The few CUDA runtime calls the runner needs, with errors turned into DpaError."""
+
+    def __init__(self, cudart: ModuleType):
+        self.cudart = cudart
+
+    def call(self, function: str, *arguments):
+        """cudart.<function>(*arguments) -> its results after the status (None, one value, or a tuple)."""
+        status, *results = getattr(self.cudart, function)(*arguments)
+        if status != self.cudart.cudaError_t.cudaSuccess:
+            name = self.cudart.cudaGetErrorName(status)[1]
+            raise DpaError(f"CUDA {function} failed: {name.decode() if isinstance(name, bytes) else name}")
+        return None if not results else results[0] if len(results) == 1 else tuple(results)
+
+    def gpu(self, index: int) -> GpuInfo:
+        count = self.call("cudaGetDeviceCount")
+        if index >= count:
+            raise DpaError(f"GPU cuda:{index} asked for, {count} visible")
+        properties = self.call("cudaGetDeviceProperties", index)
+        name = properties.name
+        name = name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)
+        return GpuInfo(name.strip(), (int(properties.major), int(properties.minor)))
+
+
+class TensorRTRunner:
+    """One plan: an execution context, device buffers and pinned host arrays for every I/O tensor (allocated
+    once), run on the engine's stream. `last_seconds`: wall time of the last call from the first copy in to
+    the stream synchronisation after the last copy out."""
+
+    def __init__(self, name: str, engine, cuda: Cuda, stream, tensorrt: ModuleType):
+        self.name = name
+        self.engine = engine
+        self.cuda = cuda
+        self.stream = stream
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise DpaError(f"TensorRT could not create an execution context for {name} (out of GPU memory?)")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_names = [n for n in names if engine.get_tensor_mode(n) == tensorrt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if n not in self.input_names]
+        self.host: dict[str, np.ndarray] = {}
+        self.device: dict[str, int] = {}
+        self.last_seconds = 0.0
+        try:
+            for tensor in names:
+                self._allocate(tensor, tensorrt)
+        except BaseException:
+            self.close()
+            raise
+
+    def _allocate(self, tensor: str, tensorrt: ModuleType) -> None:
+        """The pinned host array and the device buffer of one I/O tensor, bound to the context."""
+        shape = tuple(self.engine.get_tensor_shape(tensor))
+        if any(size < 0 for size in shape):
+            raise DpaError(f"{self.name}: tensor {tensor} has a dynamic shape {shape}; the stage graphs are static")
+        dtype = np.dtype(tensorrt.nptype(self.engine.get_tensor_dtype(tensor)))
+        count = int(np.prod(shape))
+        nbytes = max(count * dtype.itemsize, 1)
+        pointer = self.cuda.call("cudaMallocHost", nbytes)
+        buffer = (ctypes.c_byte * nbytes).from_address(pointer)
+        self.host[tensor] = np.frombuffer(buffer, dtype, count=count).reshape(shape)
+        self.device[tensor] = self.cuda.call("cudaMalloc", nbytes)
+        if not self.context.set_tensor_address(tensor, self.device[tensor]):
+            raise DpaError(f"{self.name}: TensorRT refused the address of tensor {tensor}")
+
+    def run(self, output_names: list[str] | None, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        missing = [name for name in self.input_names if name not in feed]
+        unknown = [name for name in feed if name not in self.host or name in self.output_names]
+        if missing or unknown:
+            raise DpaError(f"graph {self.name}: missing inputs {missing}, unknown inputs {unknown}")
+        wanted = output_names or self.output_names
+        cudart, stream = self.cuda.cudart, self.stream
+        to_device, to_host = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        start = time.perf_counter()
+        for name in self.input_names:
+            host = self.host[name]
+            np.copyto(host, np.asarray(feed[name]).reshape(host.shape), casting="same_kind")
+            self.cuda.call("cudaMemcpyAsync", self.device[name], host.ctypes.data, host.nbytes, to_device, stream)
+        if not self.context.execute_async_v3(int(stream)):
+            raise DpaError(f"TensorRT failed to enqueue graph {self.name}")
+        for name in wanted:
+            host = self.host[name]
+            self.cuda.call("cudaMemcpyAsync", host.ctypes.data, self.device[name], host.nbytes, to_host, stream)
+        self.cuda.call("cudaStreamSynchronize", stream)
+        self.last_seconds = time.perf_counter() - start
+        return [self.host[name].copy() for name in wanted]
+
+    def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.run(self.output_names, feed), strict=True))
+
+    def close(self) -> None:
+        for pointer in self.device.values():
+            self.cuda.call("cudaFree", pointer)
+        for array in self.host.values():
+            self.cuda.call("cudaFreeHost", array.ctypes.data)
+        self.device, self.host = {}, {}
+        self.context = None
+
+
+_REGISTERED_PLUGIN_LIBRARIES: dict[Path, object] = {}  # TensorRT's registry loads a library once per process
+
+
+def load_plugins(tensorrt: ModuleType, plugin_library: str | os.PathLike | None) -> Path | None:
+    """Register libdpa_plugins.so with TensorRT; its path, or None when none was given and none is found or the
+    one found has no TensorRT plugins (logged). A given library that cannot be used is a DpaError."""
+    from dpa.runtime.plugins import find_plugin_library, has_tensorrt_plugins, load_plugin_library
+
+    try:
+        path = find_plugin_library(plugin_library)
+    except DpaError:
+        if plugin_library is not None:
+            raise
+        log.info("libdpa_plugins.so not found: the custom nodes run as their function bodies")
+        return None
+    if path in _REGISTERED_PLUGIN_LIBRARIES:
+        return path
+    library = load_plugin_library(path)
+    if not has_tensorrt_plugins(library) and plugin_library is None:
+        log.warning("%s was built without TensorRT plugins (no TensorRT headers): not used", path)
+        return None
+    from dpa.runtime.plugins import register_tensorrt_plugins
+
+    _REGISTERED_PLUGIN_LIBRARIES[path] = register_tensorrt_plugins(path, tensorrt, library)
+    return path
+
+
+def _parse_errors(parser) -> str:
+    errors = [parser.get_error(i) for i in range(min(parser.num_errors, 5))]
+    return "; ".join(error.desc() if hasattr(error, "desc") else str(error) for error in errors)
+
+
+def build_plan(tensorrt: ModuleType, logger, onnx_path: Path, policy: BuilderPolicy, settings: BuildSettings,
+               timing_cache_bytes: bytes) -> tuple[bytes, bytes, int]:
+    """Build one plan from an ONNX file -> (plan, updated timing cache, plugin layers in the network)."""
+    builder = tensorrt.Builder(logger)
+    flags = 0
+    if policy.strongly_typed and hasattr(tensorrt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(tensorrt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = tensorrt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise DpaError(f"TensorRT cannot parse {onnx_path}: {_parse_errors(parser)}")
+    plugin_types = {getattr(tensorrt.LayerType, name) for name in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3")
+                    if hasattr(tensorrt.LayerType, name)}
+    plugin_layers = sum(network.get_layer(i).type in plugin_types for i in range(network.num_layers))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(tensorrt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+    for flag in policy.set_flags:
+        config.set_flag(getattr(tensorrt.BuilderFlag, flag))
+    for flag in policy.clear_flags:
+        if hasattr(tensorrt.BuilderFlag, flag):
+            config.clear_flag(getattr(tensorrt.BuilderFlag, flag))
+    timing_cache = config.create_timing_cache(timing_cache_bytes)
+    if not config.set_timing_cache(timing_cache, False):
+        log.warning("timing cache does not match this TensorRT/GPU; starting an empty one")
+        timing_cache = config.create_timing_cache(b"")
+        config.set_timing_cache(timing_cache, False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise DpaError(f"TensorRT failed to build a plan from {onnx_path} (see the TensorRT messages above)")
+    return bytes(memoryview(plan)), bytes(memoryview(timing_cache.serialize())), plugin_layers
+
+
+def open_tensorrt_engine(directory: Path, manifest: dict, precision: str, device: str, cache_dir: Path,
+                         plugin_library: str | os.PathLike | None = None, form: str | None = None,
+                         settings: BuildSettings = BuildSettings()) -> Engine:
+    """Plans for every graph of `directory` (loaded from cache_dir when their hash matches, else built and
+    saved there with the timing cache), each as a TensorRTRunner on one CUDA stream."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        raise DpaError("TensorRT runs on an NVIDIA GPU; use --backend onnxruntime for the CPU")
+    tensorrt = import_tensorrt()
+    cuda = Cuda(import_cudart())
+    version = tensorrt.__version__
+    policy = builder_policy(version, precision, settings)
+    gpu = cuda.gpu(index)
+    cuda.call("cudaSetDevice", index)
+    plugins = load_plugins(tensorrt, plugin_library)
+    plugin_sha256 = file_sha256(plugins) if plugins else None
+    choice = choose_tensorrt_form(manifest["forms"], plugins is not None, version, form)
+    log.info("TensorRT %s on %s: %s form (%s), %s", version, gpu.name, choice.form, choice.note,
+             "strongly typed" if policy.strongly_typed else f"weakly typed, flags {policy.set_flags}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DpaError(f"cannot create the engine cache {cache_dir}: {error}; pass --cache DIR") from error
+    timing_path = cache_dir / timing_cache_name(version, gpu)
+    timing = timing_path.read_bytes() if timing_path.is_file() else b""
+    logger = tensorrt.Logger(tensorrt.Logger.WARNING)
+    runtime = tensorrt.Runtime(logger)
+    stream = cuda.call("cudaStreamCreate")
+    engines, sessions, loads = {}, {}, {}
+
+    def close() -> None:  # contexts, then engines, then the runtime that deserialised them, then the stream
+        for runner in sessions.values():
+            runner.close()
+        sessions.clear()
+        engines.clear()
+        resources.clear()
+        cuda.call("cudaStreamDestroy", stream)
+
+    resources = [runtime, logger]
+
+    try:
+        for name in manifest["graphs"]:
+            onnx_path = graph_file(directory, manifest, name, choice.form)
+            inputs = PlanInputs(file_sha256(onnx_path), precision, choice.form, version, gpu, plugin_sha256, settings)
+            plan_path = cache_dir / plan_file_name(name, inputs)
+            record_path = plan_path.with_suffix(".json")
+            start = time.perf_counter()
+            built = not plan_path.is_file()
+            if built:
+                log.info("building the %s plan (%s, %s form); this takes a while", name, precision, choice.form)
+                plan, timing, plugin_layers = build_plan(tensorrt, logger, onnx_path, policy, settings, timing)
+                if choice.uses_plugins and not plugin_layers and sum(manifest["graphs"][name]["custom_nodes"]
+                                                                     .get(choice.form, {}).values()):
+                    log.warning("%s: TensorRT imported no plugin layer although %s", name, choice.note)
+                _write_atomically(plan_path, plan)
+                _write_atomically(timing_path, timing)
+                record = {"graph": name, "onnx": str(onnx_path), "plan_inputs": asdict(inputs),
+                          "plugin_library": str(plugins) if plugins else None, "plugin_layers": plugin_layers,
+                          "build_seconds": round(time.perf_counter() - start, 3)}
+                _write_atomically(record_path, (json.dumps(record, indent=2) + "\n").encode())
+            else:
+                plan = plan_path.read_bytes()
+                record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+            engine = runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise DpaError(f"TensorRT {version} cannot deserialise {plan_path} (corrupt, or built by another "
+                               "TensorRT or plugin library); delete it and run `dpa build` again")
+            engines[name] = engine
+            runner = TensorRTRunner(name, engine, cuda, stream, tensorrt)
+            _check_against_manifest(runner, manifest["graphs"][name], plan_path)
+            sessions[name] = runner
+            loads[name] = GraphLoad(name, onnx_path, time.perf_counter() - start, built, plan_path,
+                                    [f"TensorRT {version}"], record.get("plugin_layers"))
+    except BaseException:
+        close()
+        raise
+    details = {"cache_dir": str(cache_dir), "timing_cache": str(timing_path), "gpu": gpu.name,
+               "compute_capability": "{}.{}".format(*gpu.compute_capability),
+               "plugin_library": str(plugins) if plugins else None, "form_note": choice.note,
+               "strongly_typed": policy.strongly_typed, "builder_flags": list(policy.set_flags),
+               "settings": asdict(settings)}
+    cuda_version = cuda.call("cudaRuntimeGetVersion")
+    versions = {"tensorrt": version, "cuda_runtime": f"{cuda_version // 1000}.{cuda_version % 1000 // 10}"}
+    return Engine("tensorrt", precision, f"cuda:{index}", directory, manifest, sessions, loads, choice.form,
+                  [f"TensorRT {version}"], versions, details, close)
+
+
+def _check_against_manifest(runner: TensorRTRunner, graph: dict, plan_path: Path) -> None:
+    expected = {tensor["name"]: tuple(tensor["shape"]) for tensor in graph["inputs"] + graph["outputs"]}
+    actual = {name: array.shape for name, array in runner.host.items()}
+    if actual != expected:
+        raise DpaError(f"{plan_path} does not match the manifest (plan I/O {actual}, manifest {expected}); "
+                       "delete it and run `dpa build` again")

@@ -85,3 +85,111 @@ def run_build(args: argparse.Namespace) -> int:
             print(f"cache: {cache}")
     print("check: every graph ran on zero inputs, outputs finite")
     return 0
+
+
+def _stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `dpa run` and `dpa demo`: memory policy, flow, outputs, statistics."""
+    group = parser.add_argument_group("memory and flow")
+    group.add_argument("--memory", type=int, metavar="N",
+                       help="reference frames the memory holds (default and maximum: the graphs' capacity)")
+    group.add_argument("--policy", choices=("auto", "uniform", "offline"), default="auto",
+                       help="memory admission: auto (default: offline for files and image folders, uniform for "
+                       "live sources), uniform (entries spread over the last --horizon frames), offline (the "
+                       "paper's references over the whole file, found in a first pass)")
+    group.add_argument("--horizon", type=int, default=32, metavar="FRAMES",
+                       help="uniform policy: frames the memory spans (default 32)")
+    group.add_argument("--min-confidence", type=float, metavar="C",
+                       help="uniform policy: admit a frame only when its mask confidence, the mean of max(p, 1-p), "
+                       "is at least C (0.5 .. 1; default: no gate)")
+    group.add_argument("--flow-preset", choices=("ultrafast", "fast", "medium"), default="fast",
+                       help="DIS optical flow preset (default fast)")
+    group.add_argument("--flow-size", type=int, metavar="PIXELS",
+                       help="compute DIS flow at PIXELS x PIXELS and scale it back (default: the frame's size)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--masks", metavar="DIR", help="also write a mask PNG (0/255) per frame, named by frame")
+    output.add_argument("--stats-json", metavar="OUT", help="write the run's statistics (fps, per-stage ms, dropped "
+                        "frames, memory, engine) as JSON")
+    output.add_argument("--stats-interval", type=float, default=5.0, metavar="S",
+                        help="seconds between statistics lines on the console (default 5; 0: none)")
+    output.add_argument("--max-frames", type=int, metavar="N", help="stop after N processed frames")
+    output.add_argument("--no-overlay-text", action="store_true", help="draw the mask only, without fps/stage times")
+
+
+def _settings(args: argparse.Namespace, source: str, sink: str):
+    from dpa.runtime.run import RunSettings
+
+    return RunSettings(source=source, sink=sink, policy=args.policy, memory=args.memory, horizon=args.horizon,
+                       min_confidence=args.min_confidence, flow_preset=args.flow_preset, flow_size=args.flow_size,
+                       masks=args.masks, stats_json=args.stats_json, stats_interval=args.stats_interval,
+                       max_frames=args.max_frames, overlay_text=not args.no_overlay_text)
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE",
+                        help="/dev/videoN, v4l2:///dev/videoN, csi://N, a video file, an image folder, rtsp://…, "
+                        "test://PATTERN (ball, smpte, …) or test://synthetic; options as ?width=&height=&fps=&frames=")
+    parser.add_argument("sink", metavar="SINK", nargs="?", default="null://",
+                        help="display://N, a .mp4/.mkv file, an image folder DIR/ or DIR/%%05d.jpg, "
+                        "rtsp://@:PORT/name, or null:// (default)")
+    parser.add_argument("--export", required=True, metavar="DIR", help="a `dpa export` output folder")
+    add_engine_arguments(parser)
+    _stream_arguments(parser)
+
+
+@command("run", "segment a camera, file, stream or test source into a display, file, stream or folder",
+         arguments=_run_arguments)
+def run_stream(args: argparse.Namespace) -> int:
+    from dpa.errors import DpaError
+    from dpa.runtime.chain import StageChain
+    from dpa.runtime.run import StreamRunner
+
+    settings = _settings(args, args.source, args.sink)
+    with engine_from_args(args.export, args) as engine:
+        runner = StreamRunner(StageChain(engine.sessions, engine.manifest), settings, engine.describe(), say=print)
+        print(f"{args.source} -> {args.sink}: {engine.backend} ({engine.device}, {engine.precision}), "
+              f"{runner.policy_name} memory, flow {runner.flow_direction}")
+        outcome = runner.run()
+    summary = outcome.summary
+    print(f"{summary['frames']} frames in {summary['seconds']:.1f} s ({summary['fps']:.1f} fps), "
+          f"{summary['dropped']} dropped, {summary['frames_written']} written to {args.sink}")
+    if args.stats_json:
+        print(f"statistics: {args.stats_json}")
+    if outcome.interrupted:
+        print("interrupted: outputs finalised")
+    if outcome.error:
+        raise DpaError(outcome.error)
+    return outcome.exit_code
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
+    parser.add_argument("--checkpoint", default="tiny", metavar="CKPT",
+                        help="checkpoint to export and run (default: the shipped tiny model)")
+    parser.add_argument("--export", metavar="DIR", help="use these exported graphs instead of exporting --checkpoint")
+    parser.add_argument("--source", metavar="URI",
+                        help="source (default: a live synthetic clip streamed through GStreamer, "
+                        "test://synthetic?seed=2026&frames=96&size=256&fps=15, scored against its exact masks)")
+    add_engine_arguments(parser)
+    parser.set_defaults(backend="auto")
+
+
+@command("demo", "the main job on its embedded default: export the shipped tiny model, run the live loop on a "
+         "synthetic clip through GStreamer, write an annotated video and a report", arguments=_demo_arguments)
+def run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dpa.errors import DpaError
+    from dpa.runtime.demo import DEFAULT_SOURCE, run_demo
+
+    report, code = run_demo(Path(args.out), checkpoint=args.checkpoint, source=args.source or DEFAULT_SOURCE,
+                            export=Path(args.export) if args.export else None, engine_args=args, say=print)
+    if "scores" in report:
+        scores = report["scores"]
+        print(f"J {scores['J_mean']:.3f}  F {scores['F_mean']:.3f}  G {scores['G']:.3f} against the exact masks "
+              f"({scores['frames_scored']} frames)")
+    print(f"{report['frames']} frames, {report['fps']:.1f} fps, {report['dropped']} dropped")
+    for what, path in report["outputs"].items():
+        print(f"{what}: {path}")
+    if report.get("error"):
+        raise DpaError(report["error"])
+    return code

@@ -26,7 +26,8 @@ class FrameResult:
     """What one processed frame gives.
 
     probability: float32 (H, W) at the frame's resolution; mask: bool (H, W) (probability > 0.5);
-    seconds: stage -> wall seconds (pre, encoder, ima, decoder, ifa_memory when run, post);
+    seconds: stage -> wall seconds (flow: rendering the field, pre, encoder, ima, decoder, ifa_memory when run,
+    post);
     admitted: the memory slot the frame was written to, or None; values: every pipeline value of the frame
     by source name ("encoder/f1", …) when the segmenter keeps them, else empty.
     """
@@ -90,11 +91,12 @@ class Segmenter:
     def segment(self, frame: np.ndarray, flow: np.ndarray, index: int) -> FrameResult:
         """Segment frame number `index` (uint8 RGB (H, W, 3)) given its flow field (H, W, 2); with the uniform
         policy, admit it to the memory when the policy says so."""
-        seconds = {}
         self.chain.reset_seconds()
         started = time.perf_counter()
-        rgb, flow_input = self.model_inputs(frame, flow)
-        seconds["pre"] = time.perf_counter() - started
+        flow_image = flow_to_rgb(flow)
+        rendered = time.perf_counter()
+        rgb, flow_input = preprocess_rgb(frame, self.size), preprocess_flow(flow_image, self.size)
+        seconds = {"flow": rendered - started, "pre": time.perf_counter() - rendered}  # flow: the rendering
         values = self.chain.process(rgb, flow_input, self.bank)
         probability = self.chain.probability(values)
         if not np.isfinite(probability).all():

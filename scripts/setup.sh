@@ -8,7 +8,17 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${DPA_VENV:-.venv}
 TORCH_VERSION=${DPA_TORCH_VERSION:-2.13.0}
-APT_PACKAGES=(cmake pkg-config)
+# cmake + pkg-config build the plugin library. GStreamer video I/O (dpa.runtime.video): the tools and plugin
+# sets (x264enc is in -ugly, intervideo/mpegts in -bad, avdec_h264 in -libav), the introspection data that
+# PyGObject loads (Gst and its base libraries; GstRtspServer for rtsp:// outputs), and the headers PyGObject and
+# pycairo build against when pip compiles them.
+APT_PACKAGES=(
+    cmake pkg-config gcc python3-dev
+    gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+    gstreamer1.0-plugins-ugly gstreamer1.0-libav
+    gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-rtsp-server-1.0
+    libgirepository1.0-dev libcairo2-dev
+)
 
 say() { printf '[setup] %s\n' "$*"; }
 
@@ -49,6 +59,6 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 
-say "installing dpa-edge (editable) with the training and test extras"
-"${pip[@]}" -e ".[train,test]"
+say "installing dpa-edge (editable) with the training, test and gstreamer (PyGObject) extras"
+"${pip[@]}" -e ".[train,test,gstreamer]"
 say "ready: $VENV/bin/dpa --help"

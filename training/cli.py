@@ -222,29 +222,3 @@ def run_flow(args: argparse.Namespace) -> int:
         log.warning("unreadable frames (no flow written): %s", ", ".join(summary.unreadable[:10])
                     + (" ..." if len(summary.unreadable) > 10 else ""))
     return 0
-
-
-def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default="tiny", help="checkpoint name or path (default: the shipped tiny)")
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--seed", type=int, default=2026,
-                        help="synthetic clip seed (default 2026; the shipped model trained on seed 0)")
-    parser.add_argument("--frames", type=int, default=24, help="clip length (default 24)")
-    parser.add_argument("--frame-size", type=int, default=256, help="clip frame side in pixels (default 256)")
-
-
-@command("demo", "the main job on its embedded default: the shipped tiny model on a synthetic clip",
-         arguments=_demo_arguments)
-def run_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from dpa.training.demo import run_offline_demo
-
-    report = run_offline_demo(args.checkpoint, Path(args.out), args.seed, args.frames, args.frame_size)
-    out = Path(args.out)
-    print(f"J {report['J_mean']:.3f}  F {report['F_mean']:.3f}  G {report['G']:.3f} "
-          f"on a {args.frames}-frame synthetic clip (seed {args.seed})")
-    print(f"video:  {report['outputs']['video']}")
-    print(f"masks:  {report['outputs']['masks']}")
-    print(f"report: {out / 'report.md'} and {out / 'report.json'}")
-    return 0

@@ -1,0 +1,170 @@
+"""`dpa demo`: the main job on its embedded default (SPEC §5).
+
+The tiny checkpoint shipped in the repository is exported (once; reused while the checkpoint is unchanged),
+opened on the best backend present, and run through the live loop on a synthetic clip streamed through
+GStreamer. The output is an annotated video, mask PNGs, statistics and a report scored against the clip's
+exact ground truth. Importing this module loads no torch; exporting does, only when no export is cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dpa.errors import DpaError
+
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "training" / "checkpoints" / "tiny.pt"
+DEMO_SEED = 2026  # never used for training (train: seeds from 0, held-out test: 1000+)
+DEFAULT_SOURCE = f"test://synthetic?seed={DEMO_SEED}&frames=96&size=256&fps=15"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_path(checkpoint: str) -> Path:
+    """The shipped name "tiny" or a checkpoint path -> an existing file (without importing torch)."""
+    path = SHIPPED_CHECKPOINT if checkpoint == "tiny" else Path(checkpoint)
+    if not path.is_file():
+        raise DpaError(f"checkpoint {checkpoint!r} not found at {path}")
+    return path
+
+
+def ensure_export(checkpoint: Path, directory: Path, say=print) -> tuple[Path, bool]:
+    """Export `checkpoint` to `directory` unless an export of the same checkpoint file is there already.
+
+    Returns (directory, whether it was exported now). Exporting needs the training extra (PyTorch).
+    """
+    from dpa.runtime.chain import MANIFEST_NAME, load_manifest
+
+    digest = _sha256(checkpoint)
+    if (directory / MANIFEST_NAME).is_file():
+        manifest = load_manifest(directory)
+        if (manifest.get("checkpoint") or {}).get("sha256") == digest:
+            return directory, False
+    say(f"exporting {checkpoint} to {directory} (once; later runs reuse it)")
+    try:
+        import torch  # noqa: F401  (a clear message below when the training extra is missing)
+
+        from dpa.cli import main as dpa_main
+    except ModuleNotFoundError as error:
+        raise DpaError(f"exporting the demo checkpoint needs PyTorch ({error.name} is missing): run scripts/setup.sh, "
+                       "or pass --export DIR with graphs exported on another machine") from error
+    if dpa_main(["export", "--checkpoint", str(checkpoint), "--out", str(directory)]) != 0:
+        raise DpaError(f"exporting {checkpoint} failed (see the messages above)")
+    return directory, True
+
+
+@dataclass
+class SyntheticTruth:
+    """The exact masks of a `test://synthetic` source, regenerated from its seed."""
+
+    masks: list[np.ndarray]
+
+    @classmethod
+    def of(cls, source: str) -> SyntheticTruth | None:
+        """The masks of a synthetic source URI, or None for any other source."""
+        from dpa.runtime.video import parse_source
+        from dpa.training.synth import generate_clip
+
+        spec = parse_source(source)
+        if spec.kind != "synthetic":
+            return None
+        options = spec.options
+        _, masks = generate_clip(np.random.default_rng(int(options["seed"])), int(options["frames"]),
+                                 int(options["size"]))
+        return cls(masks)
+
+
+def score_masks(mask_dir: Path, truth: SyntheticTruth) -> dict:
+    """DAVIS J/F/G of the mask PNGs written by the run (named by frame index) against the exact masks."""
+    import cv2
+
+    from dpa.training.evaluate import score_sequence
+
+    triples = []
+    for path in sorted(mask_dir.glob("*.png")):
+        index = int(path.stem)
+        prediction = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if prediction is None or index >= len(truth.masks):
+            raise DpaError(f"unexpected mask file {path}")
+        triples.append((path.stem, truth.masks[index], prediction > 127))
+    if not triples:
+        raise DpaError(f"no masks in {mask_dir} to score")
+    scores = score_sequence(triples)
+    return {"J_mean": scores["J"]["mean"], "F_mean": scores["F"]["mean"], "G": scores["G"],
+            "frames_scored": len(triples), "per_frame": scores["frames"]}
+
+
+def run_demo(out: Path, checkpoint: str = "tiny", source: str = DEFAULT_SOURCE, export: Path | None = None,
+             engine_args=None, say=print) -> tuple[dict, int]:
+    """Run the demo into `out`; returns (report, exit code). engine_args: parsed engine options (backend…)."""
+    from dpa.runtime.chain import StageChain
+    from dpa.runtime.cli import engine_from_args
+    from dpa.runtime.run import RunSettings, StreamRunner
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DpaError(f"cannot write to {out}: {error}") from error
+    started = time.perf_counter()
+    exported_now = False
+    if export is None:
+        export, exported_now = ensure_export(checkpoint_path(checkpoint), out / "export", say)
+    engine = engine_from_args(export, engine_args)
+    settings = RunSettings(source=source, sink=str(out / "overlay.mp4"), masks=str(out / "masks"),
+                           stats_json=str(out / "stats.json"), stats_interval=2.0)
+    for stale in (out / "masks").glob("*.png"):
+        stale.unlink()
+    say(f"running {source} on {engine.backend} ({engine.device}, {engine.precision}) -> {settings.sink}")
+    with engine:
+        outcome = StreamRunner(StageChain(engine.sessions, engine.manifest), settings, engine.describe(),
+                               say=say).run()
+    report = {"checkpoint": str(checkpoint), "export": str(export), "exported_now": exported_now,
+              "source": source, **outcome.summary}
+    truth = SyntheticTruth.of(source)
+    if truth is not None and outcome.summary.get("masks_written"):
+        report["scores"] = score_masks(out / "masks", truth)
+    report["seconds_total"] = time.perf_counter() - started
+    report["outputs"] = {"video": settings.sink, "masks": settings.masks, "stats": settings.stats_json,
+                         "report": str(out / "report.md")}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(format_report(report))
+    return report, outcome.exit_code
+
+
+def format_report(report: dict) -> str:
+    """The demo report as Markdown."""
+    engine = report.get("engine", {})
+    lines = [
+        "# DPA demo",
+        "",
+        f"- checkpoint: `{report['checkpoint']}`, graphs: `{report['export']}`",
+        f"- engine: {engine.get('backend')} on {engine.get('device')}, {engine.get('precision')}"
+        + (f" ({engine['reason']})" if engine.get("reason") else ""),
+        f"- source: `{report['source']}` ({'live' if report['live'] else 'file'}); flow {report['flow']}",
+        f"- memory: {report['memory']['policy']} policy, {report['memory']['admissions']} admissions",
+        f"- frames: {report['frames']} processed, {report['dropped']} dropped, {report['frames_written']} written; "
+        f"{report['fps']:.1f} fps",
+    ]
+    if "scores" in report:
+        scores = report["scores"]
+        lines.append(f"- accuracy against the exact synthetic masks ({scores['frames_scored']} frames): "
+                     f"J {scores['J_mean']:.3f}, F {scores['F_mean']:.3f}, G {scores['G']:.3f}")
+    if report.get("error"):
+        lines.append(f"- error: {report['error']}")
+    lines += ["", "| stage | mean ms | median ms | p90 ms |", "|---|---|---|---|"]
+    lines += [f"| {stage} | {v['mean']:.2f} | {v['median']:.2f} | {v['p90']:.2f} |"
+              for stage, v in report["stages_ms"].items()]
+    lines += ["", f"video: `{report['outputs']['video']}`", ""]
+    return "\n".join(lines)

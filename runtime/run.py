@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,18 @@ class MaskWriter:
             raise DpaError(self._error)
 
 
+class AdmissionLog:
+    """How many frames the memory admitted, and the last 64 of them (bounded for endless live runs)."""
+
+    def __init__(self, keep: int = 64):
+        self.count = 0
+        self.recent: deque[int] = deque(maxlen=keep)
+
+    def add(self, frame: int) -> None:
+        self.count += 1
+        self.recent.append(frame)
+
+
 def choose_policy(settings: RunSettings, live: bool) -> str:
     """The policy name for a source: `settings.policy`, or offline for files/folders and uniform for live."""
     if settings.policy == "auto":
@@ -172,7 +185,7 @@ class StreamRunner:
         """Process the whole source (or until an error / Ctrl-C); the outputs are finalised in every case."""
         outcome = RunOutcome(summary={})
         output = masks = source = None
-        admissions = []
+        admissions = AdmissionLog()
         last_print = time.perf_counter()
         try:
             masks = MaskWriter(self.settings.masks) if self.settings.masks else None
@@ -198,7 +211,7 @@ class StreamRunner:
                 result.seconds["output"] = time.perf_counter() - started
                 self.stats.add(result.seconds)
                 if result.admitted is not None:
-                    admissions.append(index)
+                    admissions.add(index)
                 if self.keep_results:
                     outcome.results.append(result)
                 if self.settings.stats_interval and time.perf_counter() - last_print >= self.settings.stats_interval:
@@ -318,8 +331,8 @@ class StreamRunner:
             "live": self.live,
             "flow": self.flow_direction,
             "flow_estimator": repr(self.estimator),
-            "memory": {"policy": self.policy_name, "admitted_frames": admissions[-64:],
-                       "admissions": len(admissions)},
+            "memory": {"policy": self.policy_name, "admitted_frames": list(admissions.recent),
+                       "admissions": admissions.count},
             "engine": self.engine_info,
             **self.stats.summary(),
             "produced": getattr(source, "produced", None),

@@ -1,0 +1,128 @@
+"""Subcommands of dpa.calibration: `calibrate` (feeds + fp16/int8 variants) and `compare` (accuracy report).
+
+Heavy modules (onnx, onnxruntime, torch, matplotlib) are imported inside the run functions, so `dpa --help`
+stays fast; `calibrate` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from dpa.cli import command
+
+log = logging.getLogger(__name__)
+
+CLIP_HELP = ("clip folders (a sequence folder with JPEGImages/ and optional Annotations/, or a folder of images) "
+             "or synthetic:SEED / synthetic:FIRST..LAST (generated clips with exact masks, S x S pixels)")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("export_dir", metavar="EXPORT_DIR", help="a `dpa export` output folder (fp32)")
+    parser.add_argument("--frames", nargs="+", action="extend", metavar="PATH",
+                        help=f"calibration frames (required; never random data): {CLIP_HELP}")
+    parser.add_argument("--out", metavar="DIR",
+                        help="where to write feeds/, fp16/ and int8/ (default: EXPORT_DIR)")
+    parser.add_argument("--method", choices=("entropy", "percentile", "max"), default="entropy",
+                        help="int8 activation calibration: entropy (KL, default), percentile (99.999th), max")
+    parser.add_argument("--precisions", type=_comma_list, default=["fp16", "int8"],
+                        help="variants to write, comma-separated (default fp16,int8)")
+    parser.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
+                        help="int8: node-name patterns (fnmatch) to leave float, besides the prototype-attention "
+                        "nodes (always excluded)")
+    parser.add_argument("--max-frames", type=int, metavar="N", help="use only the first N frames of each clip")
+    parser.add_argument("--synthetic-length", type=int, default=12, metavar="L",
+                        help="frames per synthetic clip (default 12)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
+
+
+@command("calibrate", "record calibration feeds from real frames and write the fp16 and int8 (Q/DQ) graph variants",
+         arguments=_calibrate_arguments)
+def run_calibrate(args: argparse.Namespace) -> int:
+    from dpa.calibration.clips import load_labelled_clips
+    from dpa.calibration.feeds import FEEDS_FOLDER, record_feeds, save_feeds
+    from dpa.calibration.variants import VARIANT_PRECISIONS, write_variant
+    from dpa.errors import DpaError
+    from dpa.runtime.chain import load_manifest
+
+    if not args.frames:
+        raise DpaError("calibration needs real frames: pass --frames with clip folders or synthetic:SEED "
+                       "(random data is never used)")
+    unknown = [p for p in args.precisions if p not in VARIANT_PRECISIONS]
+    if unknown or not args.precisions:
+        raise DpaError(f"--precisions {','.join(args.precisions)}: choose from {', '.join(VARIANT_PRECISIONS)}")
+    manifest = load_manifest(args.export_dir)
+    out = Path(args.out or args.export_dir)
+    clips = load_labelled_clips(args.frames, manifest["size"], args.synthetic_length, args.max_frames)
+    log.info("calibrating on %d clips (%d frames): %s", len(clips), sum(c.length for c in clips),
+             ", ".join(c.name for c in clips))
+    feeds = record_feeds(args.export_dir, clips, threads=args.threads)
+    index = save_feeds(feeds, out / FEEDS_FOLDER)
+    print(f"feeds: {index} ({', '.join(f'{g} {feeds.count(g)}' for g in feeds.graphs)})")
+    for precision in args.precisions:
+        target = write_variant(args.export_dir, out, precision, feeds, method=args.method, exclude=args.exclude,
+                               threads=args.threads)
+        print(f"{precision}: {target / 'manifest.json'}")
+    return 0
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", metavar="CKPT",
+                        help="the checkpoint the export was made from (path or shipped name: tiny): the fp32 "
+                        "PyTorch reference (default: the one the export's manifest records, or its seeded "
+                        "initialisation); its weights must hash to the manifest's")
+    parser.add_argument("--export", required=True, metavar="DIR",
+                        help="the fp32 export folder; fp16/int8 variants are found as DIR/fp16, DIR/int8")
+    parser.add_argument("--clips", nargs="+", action="extend", required=True, metavar="PATH", help=CLIP_HELP)
+    parser.add_argument("--backends", type=_comma_list, default=["onnxruntime"],
+                        help="comma-separated: onnxruntime, tensorrt (NVIDIA machines) (default onnxruntime)")
+    parser.add_argument("--precisions", type=_comma_list, default=["fp32", "fp16", "int8"],
+                        help="comma-separated (default fp32,fp16,int8)")
+    parser.add_argument("--out", required=True, metavar="REPORT_DIR",
+                        help="report folder: report.md, report.json, PNG plots, masks/")
+    parser.add_argument("--max-frames", type=int, metavar="N", help="use only the first N frames of each clip")
+    parser.add_argument("--synthetic-length", type=int, default=12, metavar="L",
+                        help="frames per synthetic clip (default 12)")
+    parser.add_argument("--layer-frames", type=int, default=2, metavar="K",
+                        help="frames per clip for the per-layer error analysis of fp16/int8 (0: skip; default 2)")
+    parser.add_argument("--worst", type=int, default=4, metavar="K", help="worst frames to show (default 4)")
+    group = parser.add_argument_group("engines (as for dpa build / dpa run)")
+    group.add_argument("--device", default="auto",
+                       help="auto (default: the best present), cpu, cuda or cuda:N; the PyTorch reference runs on "
+                       "the GPU when an engine does")
+    group.add_argument("--cache", metavar="DIR", help="TensorRT plans and timing cache (default $DPA_CACHE, else "
+                       "~/.cache/dpa/engines)")
+    group.add_argument("--plugins", metavar="LIB", help="libdpa_plugins.so or its folder (TensorRT)")
+    group.add_argument("--providers", metavar="LIST",
+                       help="ONNX Runtime execution providers, comma-separated (default: from --device)")
+    group.add_argument("--threads", type=int, metavar="N",
+                       help="ONNX Runtime and PyTorch intra-op threads (default: their own)")
+
+
+@command("compare", "compare backends x precisions with the PyTorch fp32 model on the same clips: IoU, J/F, errors",
+         arguments=_compare_arguments)
+def run_compare(args: argparse.Namespace) -> int:
+    from dpa.calibration.compare import compare
+    from dpa.calibration.report import format_summary
+    from dpa.errors import DpaError
+
+    if args.threads is not None and args.threads < 1:
+        raise DpaError("--threads must be at least 1")
+    engine_options = {"cache_dir": args.cache, "plugin_library": args.plugins}
+    if args.providers:
+        engine_options["providers"] = _comma_list(args.providers)
+    report = compare(args.checkpoint, args.export, args.clips, backends=args.backends, precisions=args.precisions,
+                     out=args.out, max_frames=args.max_frames, synthetic_length=args.synthetic_length,
+                     layer_frames=args.layer_frames, worst=args.worst, device=args.device, threads=args.threads,
+                     engine_options=engine_options)
+    print(format_summary(report))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    files = report["files"]
+    print(f"report: {files['markdown']} ({files['json']}, {', '.join(Path(p).name for p in files['plots'])})")
+    return 0

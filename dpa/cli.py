@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "dpa.training.cli",
     "dpa.export.cli",
     "dpa.runtime.cli",
+    "dpa.runtime.bench_cli",
     "dpa.calibration.cli",
 )
 

@@ -105,7 +105,8 @@ def resolve_weights(directory: str | Path, manifest: dict, checkpoint: str | Non
     weights must hash to the manifest's `weights_sha256`.
     """
     from dpa.export.exporter import weights_sha256
-    from dpa.training.checkpoint import file_sha256, load_checkpoint, load_state
+    from dpa.files import file_sha256
+    from dpa.training.checkpoint import load_checkpoint, load_state
     from dpa.training.config import ModelConfig
     from dpa.training.model import build_model
 

@@ -314,7 +314,8 @@ def model_for_export(
     clip (`calibration_clip`, default a synthetic one; `dpa.export.untrained`) and saves the weights as
     OUT/untrained.pt for `dpa check`. width: the preset's width multiplier override (without a checkpoint only).
     """
-    from dpa.training.checkpoint import file_sha256, load_checkpoint, load_state, save_checkpoint
+    from dpa.files import file_sha256
+    from dpa.training.checkpoint import load_checkpoint, load_state, save_checkpoint
     from dpa.training.config import ModelConfig, get_config
     from dpa.training.model import build_model
 

@@ -8,7 +8,6 @@ exact ground truth. Importing this module loads no torch; exporting does, only w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -17,18 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from dpa.errors import DpaError
+from dpa.files import file_sha256
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "training" / "checkpoints" / "tiny.pt"
 DEMO_SEED = 2026  # never used for training (train: seeds from 0, held-out test: 1000+)
 DEFAULT_SOURCE = f"test://synthetic?seed={DEMO_SEED}&frames=96&size=256&fps=15"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_path(checkpoint: str) -> Path:
@@ -46,7 +38,7 @@ def ensure_export(checkpoint: Path, directory: Path, say=print) -> tuple[Path, b
     """
     from dpa.runtime.chain import MANIFEST_NAME, load_manifest
 
-    digest = _sha256(checkpoint)
+    digest = file_sha256(checkpoint)
     if (directory / MANIFEST_NAME).is_file():
         manifest = load_manifest(directory)
         if (manifest.get("checkpoint") or {}).get("sha256") == digest:

@@ -24,6 +24,7 @@ from types import ModuleType
 import numpy as np
 
 from dpa.errors import DpaError, require_module
+from dpa.files import file_sha256
 from dpa.runtime.chain import graph_file
 from dpa.runtime.engines import Engine, GraphLoad, parse_device
 
@@ -175,14 +176,6 @@ def plan_file_name(graph: str, inputs: PlanInputs) -> str:
 def timing_cache_name(tensorrt_version: str, gpu: GpuInfo) -> str:
     """"timing-<TensorRT version>-<GPU slug>.cache": one timing cache per TensorRT version and GPU."""
     return f"timing-{tensorrt_version}-{gpu.slug}.cache"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_atomically(path: Path, data) -> None:

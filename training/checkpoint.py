@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -28,14 +27,6 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         hint = f" (shipped names: {', '.join(SHIPPED)})" if key not in SHIPPED else ""
         raise DpaError(f"checkpoint {key!r} not found at {path}{hint}")
     return path
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig, **extra) -> Path:

@@ -14,7 +14,8 @@ import torch
 from onnx import numpy_helper
 
 from dpa.cli import main
-from dpa.training.checkpoint import file_sha256, save_checkpoint
+from dpa.files import file_sha256
+from dpa.training.checkpoint import save_checkpoint
 from dpa.training.config import get_config
 
 SIZE, MEMORY = 64, 2

@@ -12,8 +12,8 @@ import torch
 
 from dpa.export import check, exporter, graphs
 from dpa.export.reference import PLUGIN_DOMAIN
+from dpa.files import file_sha256
 from dpa.runtime import chain
-from dpa.training.checkpoint import file_sha256
 from dpa.training.config import get_config
 
 pytestmark = pytest.mark.slow  # one export of four graphs in three forms (~10 s on two busy cores)

@@ -7,12 +7,11 @@ import numpy as np
 
 OVERLAY_COLOUR = np.array([255, 64, 32], dtype=np.float32)  # RGB tint of the foreground
 TEXT_COLOUR = (255, 255, 255)
-SHADOW_COLOUR = (0, 0, 0)
 
 
 def draw_overlay(frame: np.ndarray, mask: np.ndarray, lines: list[str] | tuple[str, ...] = ()) -> np.ndarray:
     """uint8 RGB (H, W, 3) frame and bool (H, W) mask -> uint8 RGB (H, W, 3): mask tinted 50 %, outlined in
-    white, and `lines` of text at the top left (scaled to the frame height, shadowed to stay readable)."""
+    white, and `lines` of text at the top left (scaled to the frame height, on a darkened box)."""
     if frame.shape[:2] != mask.shape:
         raise ValueError(f"frame {frame.shape[:2]} and mask {mask.shape} differ in size")
     shown = frame.astype(np.float32)
@@ -20,10 +19,14 @@ def draw_overlay(frame: np.ndarray, mask: np.ndarray, lines: list[str] | tuple[s
     shown = shown.astype(np.uint8)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(shown, contours, -1, TEXT_COLOUR, 1)
-    scale = max(0.35, frame.shape[0] / 720)
-    step = int(round(18 * scale)) + 2
-    for row, line in enumerate(lines):
-        origin = (6, step * (row + 1))
-        cv2.putText(shown, line, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.45 * scale, SHADOW_COLOUR, 3, cv2.LINE_AA)
-        cv2.putText(shown, line, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.45 * scale, TEXT_COLOUR, 1, cv2.LINE_AA)
+    if lines:
+        scale = min(1.2, max(0.4, frame.shape[0] / 600))  # font scale: ~10 px glyphs at 256 rows, ~20 px at 720
+        sizes = [cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0] for line in lines]
+        step = max(height for _, height in sizes) + int(round(10 * scale))
+        box_width = max(width for width, _ in sizes) + 12
+        box = shown[: step * len(lines) + 8, :box_width]
+        box[:] = (box.astype(np.float32) * 0.4).astype(np.uint8)  # darken behind the text so it stays readable
+        for row, line in enumerate(lines):
+            cv2.putText(shown, line, (6, step * (row + 1)), cv2.FONT_HERSHEY_SIMPLEX, scale, TEXT_COLOUR, 1,
+                        cv2.LINE_AA)
     return shown

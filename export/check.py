@@ -31,13 +31,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dpa.errors import DpaError
+from dpa.export.agreement import TensorError
 from dpa.export.frames import load_clip, preprocess_clip, synthetic_clip
 from dpa.export.graphs import ENTRY_OUTPUTS, PROBABILITY
 from dpa.runtime.chain import MemoryBank, StageChain, load_manifest, onnxruntime_sessions
@@ -51,31 +51,13 @@ RELATIVE_TOLERANCE = 1e-4
 COSINE_TOLERANCE = 0.99999
 
 
-@dataclass
-class Agreement:
-    """Running comparison of one output over frames: worst max abs error, worst cosine, largest reference value."""
-
-    max_abs: float = 0.0
-    cosine: float = 1.0
-    scale: float = 0.0
-    frames: int = 0
-
-    def add(self, actual: np.ndarray, expected: np.ndarray) -> None:
-        actual = np.asarray(actual, np.float64).ravel()
-        expected = np.asarray(expected, np.float64).ravel()
-        if actual.shape != expected.shape:
-            raise DpaError(f"shape mismatch: ONNX {actual.shape} vs PyTorch {expected.shape}")
-        self.max_abs = max(self.max_abs, float(np.abs(actual - expected).max()) if np.isfinite(actual).all()
-                           else float("inf"))
-        self.scale = max(self.scale, float(np.abs(expected).max()))
-        norms = np.linalg.norm(actual) * np.linalg.norm(expected)
-        cosine = float(actual @ expected / norms) if norms > 0 else float(np.array_equal(actual, expected))
-        self.cosine = min(self.cosine, cosine if np.isfinite(cosine) else -1.0)
-        self.frames += 1
+class Agreement(TensorError):
+    """One output over frames (worst max abs error, worst cosine, largest reference value) and its verdict
+    against the export tolerances."""
 
     @property
-    def relative(self) -> float:
-        return self.max_abs / self.scale if self.scale > 0 else (0.0 if self.max_abs == 0 else float("inf"))
+    def cosine(self) -> float:
+        return self.cosine_min
 
     def ok(self, probability: bool) -> bool:
         if probability:

@@ -246,7 +246,7 @@ def compare(
             segmenters[run.label] = Segmenter(run.chain, policy, keep_values=True)
             if policy is not None:
                 seconds = segmenters[run.label].prime({i: (clip.frames[i], flows[i]) for i in set(policy.references)})
-                prime_seconds[run.label] = sum(v for k, v in seconds.items() if k != "pre")
+                prime_seconds[run.label] = sum(v for k, v in seconds.items() if k in run.chain.manifest["graphs"])
         first = next(iter(segmenters.values()))
         reference_frames = frames_for_references(clip.length, memory["capacity"]) if memory else []
         reference.prime({i: first.model_inputs(clip.frames[i], flows[i]) for i in set(reference_frames)},
@@ -271,7 +271,7 @@ def compare(
             masks[REFERENCE_LABEL].append(np.packbits(reference_mask))
             frame_masks, frame_ious = {REFERENCE_LABEL: reference_mask}, {}
             for run in runs:
-                result = segmenters[run.label].segment(frame, flow, index)
+                result = segmenters[run.label].segment_inputs(rgb, flow_input, frame.shape[:2], index)
                 iou = mask_iou(result.mask, reference_mask)
                 ious[run.label].append(iou)
                 frame_ious[run.label] = iou
@@ -288,7 +288,7 @@ def compare(
                     if name.startswith("memory/") and index > 0:
                         continue  # the bank is the same for every frame of the clip
                     run.stages.setdefault(name, TensorError()).add(array, values[name])
-                latency = sum(s for stage, s in result.seconds.items() if stage not in ("pre", "post"))
+                latency = sum(s for stage, s in result.seconds.items() if stage in run.chain.manifest["graphs"])
                 clip_latencies[run.label].append(latency)
             if index in chosen_for_layers:
                 for graph, sources in graph_inputs.items():

@@ -74,7 +74,6 @@ class Segmenter:
         if not isinstance(self.policy, OfflinePolicy):
             raise DpaError("prime() is for the offline policy")
         self.chain.reset_seconds()
-        started = time.perf_counter()
         missing = sorted(set(self.policy.references) - set(references))
         if missing:
             raise DpaError(f"reference frames {missing} were not given")
@@ -91,20 +90,28 @@ class Segmenter:
     def segment(self, frame: np.ndarray, flow: np.ndarray, index: int) -> FrameResult:
         """Segment frame number `index` (uint8 RGB (H, W, 3)) given its flow field (H, W, 2); with the uniform
         policy, admit it to the memory when the policy says so."""
-        self.chain.reset_seconds()
         started = time.perf_counter()
         flow_image = flow_to_rgb(flow)
         rendered = time.perf_counter()
         rgb, flow_input = preprocess_rgb(frame, self.size), preprocess_flow(flow_image, self.size)
         seconds = {"flow": rendered - started, "pre": time.perf_counter() - rendered}  # flow: the rendering
-        values = self.chain.process(rgb, flow_input, self.bank)
+        return self.segment_inputs(rgb, flow_input, frame.shape[:2], index, seconds)
+
+    def segment_inputs(self, rgb: np.ndarray, flow: np.ndarray, frame_size: tuple[int, int], index: int,
+                       seconds: dict[str, float] | None = None) -> FrameResult:
+        """`segment` from model inputs already made by `model_inputs` (rgb, flow (3, S, S) float32) for a frame of
+        frame_size = (height, width); for callers that run several engines on the same inputs. `seconds`: stage
+        times spent so far, added to the result's."""
+        seconds = dict(seconds or {})
+        self.chain.reset_seconds()
+        values = self.chain.process(rgb, flow, self.bank)
         probability = self.chain.probability(values)
         if not np.isfinite(probability).all():
             raise DpaError(f"frame {index}: the probability map has NaN or Inf values "
                            f"({int(np.count_nonzero(~np.isfinite(probability)))} of {probability.size}); "
                            "the engine or its precision variant is broken — compare it with `dpa compare`")
         started = time.perf_counter()
-        full, mask = postprocess_probability(probability, *frame.shape[:2])
+        full, mask = postprocess_probability(probability, *frame_size)
         confidence = mask_confidence(probability)
         seconds["post"] = time.perf_counter() - started
         admitted = None

@@ -37,7 +37,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: Mod
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = model.module if hasattr(model, "module") else model
-    payload = {"format": "dpa-checkpoint/1", "config": config.to_dict(), "model": module.state_dict(), **extra}
+    state = {name: tensor.contiguous() for name, tensor in module.state_dict().items()}  # layout-neutral files
+    payload = {"format": "dpa-checkpoint/1", "config": config.to_dict(), "model": state, **extra}
     temporary = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, temporary)
     os.replace(temporary, path)

@@ -130,6 +130,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--freeze-batch-norm", action="store_true", help="keep BatchNorm in inference mode")
     group.add_argument("--freeze-batch-norm-from", type=float, metavar="FRACTION",
                        help="switch BatchNorm to its running statistics after this fraction of the steps")
+    group.add_argument("--iou-loss", type=float, default=0.0, metavar="WEIGHT",
+                       help="add WEIGHT × soft Jaccard (IoU) loss to the BCE of every side output (default 0: "
+                       "the paper's BCE only)")
     group.add_argument("--init", help="start from this checkpoint's weights (stage 2: the stage-1 checkpoint)")
     group.add_argument("--vgg-weights", help="torchvision VGG-16 ImageNet state dict (.pth) for both encoders")
     group.add_argument("--save-every", type=int, default=1000)
@@ -147,7 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
         width=args.width, split=args.split, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
         final_learning_rate=args.final_lr, seed=args.seed, workers=args.workers, augment=not args.no_augment,
         freeze_batch_norm=args.freeze_batch_norm, freeze_batch_norm_from=args.freeze_batch_norm_from,
-        init=args.init, vgg_weights=args.vgg_weights,
+        iou_loss_weight=args.iou_loss, init=args.init, vgg_weights=args.vgg_weights,
         save_every=args.save_every, device=args.device,
     )
     last = train(settings, resume=args.resume, until=args.until)

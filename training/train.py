@@ -58,6 +58,9 @@ class TrainSettings:
     workers: int = 2
     augment: bool = True
     freeze_batch_norm: bool = False
+    # Weight of the soft Jaccard (IoU) loss added to the paper's BCE on every side output (0: BCE only, the
+    # paper's recipe). It trains the quantity J measures; see `segmentation_loss`.
+    iou_loss_weight: float = 0.0
     # Fraction of the steps after which BatchNorm switches to its running statistics for the rest of
     # training, so the network finishes training the way it runs at inference (None: never).
     freeze_batch_norm_from: float | None = None
@@ -71,6 +74,14 @@ class TrainSettings:
         return get_config(self.config, size=self.size, memory=self.memory, width=self.width)
 
 
+def _to_device(value, device: torch.device):
+    """A batch entry on the training device; 4-D images channels-last like the model's weights."""
+    if not torch.is_tensor(value):
+        return value
+    value = value.to(device)
+    return value.contiguous(memory_format=torch.channels_last) if value.dim() == 4 else value
+
+
 def learning_rate_at(step: int, settings: TrainSettings) -> float:
     """Cosine decay from learning_rate to final_learning_rate over `steps`."""
     progress = min(step / max(settings.steps, 1), 1.0)
@@ -78,9 +89,28 @@ def learning_rate_at(step: int, settings: TrainSettings) -> float:
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
 
 
-def segmentation_loss(logits: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy summed over the deep-supervision outputs p4, p3, p2, p1 (B, 1, S, S)."""
-    return sum(F.binary_cross_entropy_with_logits(logits[name], mask) for name in SIDE_OUTPUTS)
+def soft_jaccard_loss(logit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 − soft IoU per image, averaged over the batch: 1 − Σpm / Σ(p + m − pm), p = sigmoid(logit).
+
+    An image whose prediction and mask are both empty counts as a perfect match (loss 0), as J does.
+    """
+    probability = torch.sigmoid(logit).flatten(1)
+    target = mask.flatten(1)
+    intersection = (probability * target).sum(1)
+    union = (probability + target - probability * target).sum(1)
+    iou = torch.where(union > 0, intersection / union.clamp_min(1e-6), torch.ones_like(union))
+    return (1 - iou).mean()
+
+
+def segmentation_loss(
+    logits: dict[str, torch.Tensor], mask: torch.Tensor, iou_weight: float = 0.0
+) -> torch.Tensor:
+    """Binary cross-entropy summed over the deep-supervision outputs p4, p3, p2, p1 (B, 1, S, S), plus
+    `iou_weight` × the soft Jaccard loss of each output (0: the paper's loss)."""
+    total = sum(F.binary_cross_entropy_with_logits(logits[name], mask) for name in SIDE_OUTPUTS)
+    if iou_weight:
+        total = total + iou_weight * sum(soft_jaccard_loss(logits[name], mask) for name in SIDE_OUTPUTS)
+    return total
 
 
 class GlobalIndexDataset(Dataset):
@@ -213,7 +243,9 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
     device = _device(settings, rank)
     torch.manual_seed(settings.seed)
 
-    model = _initial_model(settings, config).to(device)
+    # channels-last (NHWC) convolutions: 1.5x faster training steps for tiny on CPU here (0.93 s vs 1.40 s
+    # per batch of 8 at one thread), and what tensor cores want on CUDA. The values are unchanged.
+    model = _initial_model(settings, config).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     start = 0
     last = out / "last.pt"
@@ -266,9 +298,9 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
             freeze_batch_norm(model)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, settings)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = {k: _to_device(v, device) for k, v in batch.items()}
         logits = wrapped(batch["rgb"], batch["flow"], batch.get("reference_rgb"), batch.get("reference_flow"))
-        loss = segmentation_loss(logits, batch["mask"])
+        loss = segmentation_loss(logits, batch["mask"], settings.iou_loss_weight)
         if not torch.isfinite(loss):
             raise DpaError(f"loss became {loss.item()} at step {step}: lower the learning rate or check the data")
         optimizer.zero_grad(set_to_none=True)

@@ -1,15 +1,24 @@
 """Training loop: loss goes down, exact resume, DDP (2 CPU processes, gloo) equals one process."""
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from dpa.cli import main
 from dpa.training.checkpoint import load_checkpoint, load_model
 from dpa.training.synth import write_dataset
-from dpa.training.train import TrainSettings, learning_rate_at, train
+from dpa.training.train import (
+    SIDE_OUTPUTS,
+    TrainSettings,
+    learning_rate_at,
+    segmentation_loss,
+    soft_jaccard_loss,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +44,49 @@ def test_cosine_schedule_endpoints():
     assert learning_rate_at(0, settings) == pytest.approx(1e-4)
     assert learning_rate_at(50, settings) == pytest.approx(5.5e-5)
     assert learning_rate_at(100, settings) == pytest.approx(1e-5)
+
+
+def _logit(probability: float) -> float:
+    return math.log(probability / (1 - probability))
+
+
+def test_soft_jaccard_loss_hand_computed():
+    # One 1x1x2x2 image: mask [1, 1, 0, 0]; prediction p = [0.8, 0.5, 0.2, ~0].
+    # intersection Σpm = 0.8 + 0.5 = 1.3; union Σp + Σm − Σpm = 1.5 + 2 − 1.3 = 2.2.
+    mask = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    logit = torch.tensor([[[[_logit(0.8), 0.0], [_logit(0.2), -60.0]]]])
+    assert soft_jaccard_loss(logit, mask).item() == pytest.approx(1 - 1.3 / 2.2, abs=1e-6)
+    # A confident exact prediction costs nothing, a disjoint one costs 1, and an image where both the
+    # mask and the prediction are empty is a perfect match (as J scores it).
+    assert soft_jaccard_loss((mask * 2 - 1) * 60, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert soft_jaccard_loss((1 - 2 * mask) * 60, mask).item() == pytest.approx(1.0, abs=1e-6)
+    assert soft_jaccard_loss(torch.full((1, 1, 2, 2), -120.0), torch.zeros(1, 1, 2, 2)).item() == 0.0
+    # Batch mean: the exact image (0) and the disjoint one (1) average to 0.5.
+    both = torch.cat([(mask * 2 - 1) * 60, (1 - 2 * mask) * 60])
+    assert soft_jaccard_loss(both, torch.cat([mask, mask])).item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_segmentation_loss_adds_the_weighted_jaccard_term_per_side_output():
+    generator = torch.Generator().manual_seed(0)
+    mask = (torch.rand(2, 1, 8, 8, generator=generator) > 0.5).float()
+    logits = {name: torch.randn(2, 1, 8, 8, generator=generator) for name in SIDE_OUTPUTS}
+    bce = sum(torch.nn.functional.binary_cross_entropy_with_logits(logits[n], mask).item() for n in SIDE_OUTPUTS)
+    jaccard = sum(soft_jaccard_loss(logits[n], mask).item() for n in SIDE_OUTPUTS)
+    assert segmentation_loss(logits, mask).item() == pytest.approx(bce, rel=1e-6)  # the paper's loss
+    assert segmentation_loss(logits, mask, 0.5).item() == pytest.approx(bce + 0.5 * jaccard, rel=1e-6)
+    assert 0.3 < jaccard / 4 < 0.9  # random logits on a random mask: far from both 0 and 1
+
+
+def test_iou_loss_option_reaches_the_run_settings_and_checkpoints(synth_root, tmp_path):
+    assert main(["train", "--config", "tiny", "--size", "64", "--data", str(synth_root), "--out",
+                 str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--workers", "0",
+                 "--iou-loss", "0.25"]) == 0
+    saved = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert saved["iou_loss_weight"] == 0.25
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert payload["train"]["iou_loss_weight"] == 0.25
+    # Training runs channels-last; the checkpoint stores plain contiguous tensors.
+    assert all(t.is_contiguous() for t in payload["model"].values())
 
 
 def test_resume_is_exact(synth_root, tmp_path):

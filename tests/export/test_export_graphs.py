@@ -193,7 +193,7 @@ def test_ablation_configs(tmp_path, preset, graph_names, custom):
 
 def test_trained_tiny_checkpoint(tmp_path, davis16):
     """The shipped tiny checkpoint at its own S: `dpa check` passes as is on blackswan (probability <= 1e-4 vs
-    PyTorch fp32), and k valid of N slots equal PyTorch with the k references alone within 1e-5."""
+    PyTorch fp32), and k valid of N slots equal PyTorch with the k references alone within 1e-4."""
     from dpa.errors import DpaError
     from dpa.training.checkpoint import resolve_checkpoint
 
@@ -206,4 +206,7 @@ def test_trained_tiny_checkpoint(tmp_path, davis16):
     report = check.check_export(tmp_path, checkpoint=str(path), clip=davis16 / "blackswan", frames=3, threads=1,
                                 progress=False)
     assert report["ok"], check.format_report(report)
-    assert all(error <= 1e-5 for error in report["memory_validity"]["max_abs"].values()), report["memory_validity"]
+    # The SPEC's 1e-4: fp32 summation order differs between the graphs and PyTorch (1.3e-5 measured for k = 3
+    # with the current checkpoint, 7e-6 to 9e-6 for the other k).
+    validity = report["memory_validity"]
+    assert all(error <= 1e-4 for error in validity["max_abs"].values()), validity

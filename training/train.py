@@ -58,12 +58,12 @@ class TrainSettings:
     workers: int = 2
     augment: bool = True
     freeze_batch_norm: bool = False
-    # Weight of the soft Jaccard (IoU) loss added to the paper's BCE on every side output (0: BCE only, the
-    # paper's recipe). It trains the quantity J measures; see `segmentation_loss`.
-    iou_loss_weight: float = 0.0
     # Fraction of the steps after which BatchNorm switches to its running statistics for the rest of
     # training, so the network finishes training the way it runs at inference (None: never).
     freeze_batch_norm_from: float | None = None
+    # Weight of the soft Jaccard (IoU) loss added to the paper's BCE on every side output (0: BCE only, the
+    # paper's recipe). It trains the quantity J measures; see `segmentation_loss`.
+    iou_loss_weight: float = 0.0
     init: str | None = None  # checkpoint to start from (stage 2 starts from stage 1)
     vgg_weights: str | None = None  # torchvision VGG-16 state dict file (ImageNet initialisation)
     save_every: int = 1000
@@ -92,7 +92,9 @@ def learning_rate_at(step: int, settings: TrainSettings) -> float:
 def soft_jaccard_loss(logit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 − soft IoU per image, averaged over the batch: 1 − Σpm / Σ(p + m − pm), p = sigmoid(logit).
 
-    An image whose prediction and mask are both empty counts as a perfect match (loss 0), as J does.
+    An image whose prediction and mask are both exactly empty counts as a perfect match (loss 0). An empty
+    mask with any non-zero prediction has intersection 0, so loss 1 with zero gradient: such frames are
+    trained by the BCE term alone.
     """
     probability = torch.sigmoid(logit).flatten(1)
     target = mask.flatten(1)

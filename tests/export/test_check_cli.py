@@ -26,10 +26,14 @@ def checkpoint(tmp_path_factory):
     """A tiny checkpoint with a trained network's gain (calibrated untrained weights)."""
     from dpa.export.untrained import calibrated_model
 
-    torch.set_num_threads(1)
-    config = get_config("tiny", size=SIZE, memory=MEMORY)
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
-    save_checkpoint(path, calibrated_model(config)[0], config, step=7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # restored below: a global setting must not leak into the tests that follow
+    try:
+        config = get_config("tiny", size=SIZE, memory=MEMORY)
+        path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
+        save_checkpoint(path, calibrated_model(config)[0], config, step=7)
+    finally:
+        torch.set_num_threads(threads)
     return path
 
 

@@ -31,9 +31,13 @@ EXPECTED_CUSTOM_NODES = {
 def exported(tmp_path_factory):
     """The tiny network (calibrated untrained weights: a trained network's gain) exported in every form."""
     out = tmp_path_factory.mktemp("tiny")
-    torch.set_num_threads(1)
-    model, weights = exporter.model_for_export(None, "tiny", SIZE, MEMORY, init="calibrated", out=out)
-    manifest = exporter.export_stage_graphs(model, out, weights, forms=("functions", "plugin", "portable"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # restored below: a global setting must not leak into the tests that follow
+    try:
+        model, weights = exporter.model_for_export(None, "tiny", SIZE, MEMORY, init="calibrated", out=out)
+        manifest = exporter.export_stage_graphs(model, out, weights, forms=("functions", "plugin", "portable"))
+    finally:
+        torch.set_num_threads(threads)
     return out, manifest, model
 
 

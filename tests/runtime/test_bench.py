@@ -152,8 +152,10 @@ def tiny_model():
     from dpa.training.config import get_config
     from dpa.training.model import build_model
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return build_model(get_config("tiny", size=64, memory=3)).eval()
+    yield build_model(get_config("tiny", size=64, memory=3)).eval()
+    torch.set_num_threads(threads)  # a global setting must not leak into the tests that follow
 
 
 def _count_encoder_passes(model) -> tuple[dict[str, int], list]:

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = RunSettings(source=source, sink="null://", policy="uniform", stats_interval=0)
     samples: list[tuple[float, int, int]] = []  # (seconds, frames processed, rss bytes)
     with open_engine(args.export, threads=args.threads) as engine:
-        runner = StreamRunner(StageChain(engine.sessions, engine.manifest), settings, engine.describe())
+        runner = StreamRunner(StageChain(engine), settings, engine.describe())
         done = threading.Event()
 
         def sample() -> None:

@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from dpa.cli import command
+from dpa.command import command
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from dpa.calibration.feeds import FEEDS_FOLDER, record_feeds, save_feeds
     from dpa.calibration.variants import VARIANT_PRECISIONS, write_variant
     from dpa.errors import DpaError
-    from dpa.runtime.chain import load_manifest
+    from dpa.manifest import Manifest
 
     if not args.frames:
         raise DpaError("calibration needs real frames: pass --frames with clip folders or synthetic:SEED "
@@ -56,9 +56,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     unknown = [p for p in args.precisions if p not in VARIANT_PRECISIONS]
     if unknown or not args.precisions:
         raise DpaError(f"--precisions {','.join(args.precisions)}: choose from {', '.join(VARIANT_PRECISIONS)}")
-    manifest = load_manifest(args.export_dir)
+    manifest = Manifest.load(args.export_dir)
     out = Path(args.out or args.export_dir)
-    clips = load_labelled_clips(args.frames, manifest["size"], args.synthetic_length, args.max_frames)
+    clips = load_labelled_clips(args.frames, manifest.size, args.synthetic_length, args.max_frames)
     log.info("calibrating on %d clips (%d frames): %s", len(clips), sum(c.length for c in clips),
              ", ".join(c.name for c in clips))
     feeds = record_feeds(args.export_dir, clips, threads=args.threads)

@@ -3,7 +3,7 @@
 Torch-free. A clip argument is a sequence folder (`<path>/JPEGImages/*.jpg`, with ground truth in
 `<path>/Annotations/*.png` when present, as the DAVIS samples), a plain folder of images (ground truth from
 the twin folder in the official DAVIS layout: `JPEGImages/480p/<seq>` -> `Annotations/480p/<seq>`), or
-`synthetic:SEED` / `synthetic:FIRST..LAST` (clips of `dpa.training.synth.generate_clip`, which come with
+`synthetic:SEED` / `synthetic:FIRST..LAST` (clips of `dpa.synthetic.generate_clip`, which come with
 exact masks). Frames are uint8 RGB (H, W, 3), masks bool (H, W).
 """
 
@@ -72,7 +72,7 @@ def load_labelled_clip(
     if max_frames is not None and max_frames < 1:
         raise DpaError(f"--max-frames must be at least 1, got {max_frames}")
     if argument.startswith(SYNTHETIC_PREFIX):
-        from dpa.training.synth import generate_clip
+        from dpa.synthetic import generate_clip
 
         seed = int(argument[len(SYNTHETIC_PREFIX):])
         if synthetic_length < 2:
@@ -85,14 +85,12 @@ def load_labelled_clip(
 
 
 def _folder_clip(path: Path, max_frames: int | None) -> LabelledClip:
-    from dpa.export.frames import IMAGE_SUFFIXES, _natural_key, load_clip
+    from dpa.export.frames import load_clip
+    from dpa.images import list_images
     from dpa.training.evaluate import read_mask
 
     clip = load_clip(path)
-    folder = Path(clip.source)
-    # load_clip's own order (natural sort of the image names), to name the frames
-    names = [p.stem for p in sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
-                                    key=_natural_key)]
+    names = [image.stem for image in list_images(clip.source)]  # load_clip's own order, to name the frames
     frames = clip.frames
     if max_frames is not None:
         frames, names = frames[:max_frames], names[:max_frames]
@@ -109,7 +107,7 @@ def _folder_clip(path: Path, max_frames: int | None) -> LabelledClip:
             if mask.shape != frame.shape[:2]:
                 raise DpaError(f"{annotations / name}.png is {mask.shape[1]}x{mask.shape[0]} but the frame is "
                                f"{frame.shape[1]}x{frame.shape[0]}")
-    source = f"{folder} ({len(frames)} frames{', ground truth from ' + str(annotations) if masks else ''})"
+    source = f"{clip.source} ({len(frames)} frames{', ground truth from ' + str(annotations) if masks else ''})"
     name = path.resolve().name
     return LabelledClip(name, frames, names, masks, source)
 
@@ -137,11 +135,12 @@ def load_labelled_clips(
     return clips
 
 
-def offline_flows(frames: list[np.ndarray], estimator_name: str = "dis") -> tuple[list[np.ndarray], str]:
-    """The flow field (H, W, 2) float32 of every frame in the offline direction, computed once per clip, and a
-    description of it. Forward flow t -> t+1; the last frame -flow(t -> t-1) (`dpa.runtime.flow.offline_flow`)."""
-    from dpa.runtime.flow import create_flow_estimator, offline_flow
+def offline_flows(frames: list[np.ndarray], size: int) -> tuple[list[np.ndarray], str]:
+    """The flow field (S, S, 2) float32 of every frame for a model of input size S in the offline direction,
+    computed once per clip, and a description of it. Forward flow t -> t+1; the last frame -flow(t -> t-1)
+    (`dpa.runtime.flow.offline_flow`, `model_flow_estimator`)."""
+    from dpa.runtime.flow import model_flow_estimator, offline_flow
 
-    estimator = create_flow_estimator(estimator_name)
+    estimator = model_flow_estimator(size)
     flows = [offline_flow(frames, index, estimator) for index in range(len(frames))]
-    return flows, f"{estimator.name} (offline: forward flow t->t+1; last frame -flow(t->t-1))"
+    return flows, f"{estimator!r} (offline: forward flow t->t+1; last frame -flow(t->t-1))"

@@ -13,7 +13,7 @@ Each run is a `Segmenter` with the offline policy — the calls `segment_clip_of
 then segment every frame, keep_values=True) — advanced one frame at a time for all runs together, so that only
 one frame's tensors are held whatever the clip's length and model's size.
 
-torch is imported here only for the reference (`TorchReference`).
+The reference is the pytorch backend (`dpa.training.torch_engine`): the same segmenter and chain as every run.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,97 +48,61 @@ def mask_iou(mask: np.ndarray, reference: np.ndarray) -> float:
     return 1.0 if union == 0 else np.count_nonzero(mask & reference) / union
 
 
-class TorchReference:
-    """The fp32 PyTorch model run stage by stage like the graphs; values named by pipeline source
-    ("frame/rgb", "encoder/f1", "ima/ima5_appearance", "memory/memory_keys_appearance", "decoder/probability")."""
-
-    def __init__(self, model, manifest: dict, device: str = "cpu"):
-        import torch
-
-        self.torch = torch
-        self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
-        self.config = model.config
-        self.memory_spec = manifest["pipeline"].get("memory")
-        self.memory = self.valid = None
-        self.bank_values: dict[str, np.ndarray] = {}
-        self.valid_source = f"memory/{self.memory_spec['valid']}" if self.memory_spec else None
-
-    def _tensor(self, array: np.ndarray):
-        return self.torch.from_numpy(np.ascontiguousarray(array, np.float32))[None].to(self.device)
-
-    def prime(self, inputs: dict[int, tuple[np.ndarray, np.ndarray]], references: list[int]) -> None:
-        """Memory of the reference frames: inputs index -> (rgb, flow) (3, S, S); slot i holds references[i]."""
-        from dpa.export.graphs import ENTRY_OUTPUTS
-        from dpa.training.model import MODALITIES
-
-        if not self.config.uses_ifa:
-            return
-        torch = self.torch
-        entries = {}
-        with torch.no_grad():
-            for index in sorted(set(references)):
-                encoded = self.model.encode(self._tensor(inputs[index][0]), self._tensor(inputs[index][1]))
-                entries[index] = self.model.memory_entry(encoded.f5)
-        self.memory = {m: tuple(torch.stack([entries[i][m][kind] for i in references], 1) for kind in (0, 1))
-                       for m in MODALITIES}  # modality -> (keys, values) (1, N, T, D)
-        self.valid = torch.ones(1, len(references), dtype=torch.bool, device=self.device)
-        stacked = dict(zip(ENTRY_OUTPUTS, (*self.memory["appearance"], *self.memory["motion"]), strict=True))
-        self.bank_values = {f"memory/{bank}": stacked[entry].cpu().numpy()
-                            for bank, entry in self.memory_spec["bank"].items()}
-        self.bank_values[self.valid_source] = np.ones((1, len(references)), np.float32)
-
-    def frame(self, rgb: np.ndarray, flow: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
-        """One frame's values (see the class) and the seconds encode + ima + decode took."""
-        from dpa.training.model import MODALITIES
-
-        torch = self.torch
-        rgb_tensor, flow_tensor = self._tensor(rgb), self._tensor(flow)
-        with torch.no_grad():
-            started = time.perf_counter()
-            encoded = self.model.encode(rgb_tensor, flow_tensor)
-            ima5 = self.model.ima_block5(encoded.f5) if self.config.uses_ima else None
-            probability = torch.sigmoid(self.model.decode(encoded, ima5, self.memory, self.valid)["p1"])
-            probability = probability.cpu().numpy()
-            seconds = time.perf_counter() - started
-        values = {"frame/rgb": rgb[None], "frame/flow": flow[None], "decoder/probability": probability}
-        values.update({f"encoder/{name}": t.cpu().numpy() for name, t in zip(("f1", "f2", "f3"), encoded.skips,
-                                                                             strict=True)})
-        for m in MODALITIES:
-            values[f"encoder/f4_{m}"] = encoded.f4[m].cpu().numpy()
-            values[f"encoder/f5_{m}"] = encoded.f5[m].cpu().numpy()
-            if ima5 is not None:
-                values[f"ima/ima5_{m}"] = ima5[m].cpu().numpy()
-        values.update(self.bank_values)
-        return values, seconds
-
-
 @dataclass
 class Run:
-    """One backend x precision: its engine and chain, and what it measured."""
+    """One backend x precision: its engine and chain, and what it measured over every clip."""
 
     backend: str
     precision: str
-    engine: object
-    chain: object
+    engine: Any
+    chain: Any
     label: str = ""
     stages: dict[str, TensorError] = field(default_factory=dict)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(HISTOGRAM_EDGES) - 1, np.int64))
     frame_latencies: list[float] = field(default_factory=list)
 
     def __post_init__(self):
-        self.label = f"{self.backend}-{self.precision}"
+        self.label = self.label or f"{self.backend}-{self.precision}"
+
+    def latency(self, seconds: dict[str, float]) -> float:
+        """The graphs' seconds of one frame (encoder, ima, decoder; not flow, pre/post or memory priming)."""
+        return sum(value for stage, value in seconds.items() if stage in self.chain.manifest.graphs)
 
 
-def _open_chain(export_dir: str | Path, backend: str, precision: str, device: str, threads: int | None,
-                engine_options: dict):
-    """(StageChain, Engine) for the `precision` variant of `export_dir` on `backend` (dpa.runtime.engines)."""
+@dataclass
+class RunOnClip:
+    """One run's segmenter on one clip and what it measured per frame (masks packed to bits)."""
+
+    segmenter: Any
+    prime_seconds: float | None = None
+    masks: list[np.ndarray] = field(default_factory=list)
+    ious: list[float] = field(default_factory=list)
+    errors: list[tuple[float, float]] = field(default_factory=list)  # probability (max abs, mean abs)
+    latencies: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ClipState:
+    """Everything `compare` tracks for one clip: the reference's and each run's `RunOnClip`, the frames whose
+    graph inputs feed the layer analysis, and how many reference pixels are uncertain."""
+
+    clip: LabelledClip
+    flows: list[np.ndarray]
+    reference: RunOnClip
+    runs: dict[str, RunOnClip]
+    layer_frames: set[int]
+    reference_frames: list[int]
+    uncertain: int = 0  # reference pixels (S x S) with probability in (0.3, 0.7): masks there flip easily
+
+
+def _open_run(export_dir: str | Path, backend: str, precision: str, device: str, threads: int | None,
+              engine_options: dict, label: str = "") -> Run:
+    """The `precision` variant of `export_dir` on `backend` (pytorch included) as a Run with its chain."""
     from dpa.runtime.chain import StageChain
-    from dpa.runtime.engines import open_engine
+    from dpa.training.torch_engine import open_engine
 
-    engine = open_engine(export_dir, backend=backend, precision=precision, device=device, threads=threads,
-                         **engine_options)
-    return StageChain(engine.sessions, engine.manifest), engine
+    engine = open_engine(export_dir, backend, precision, device=device, threads=threads, **engine_options)
+    return Run(backend, precision, engine, StageChain(engine), label)
 
 
 @dataclass(order=True)
@@ -170,13 +135,27 @@ def _score(names: list[str], ground_truth: list[np.ndarray], masks: list[np.ndar
             "J_per_frame": [frame["J"] for frame in result["frames"].values()]}
 
 
-def _graph_inputs(manifest: dict) -> dict[str, dict[str, str]]:
+def _graph_inputs(manifest) -> dict[str, dict[str, str]]:
     """graph -> {input: pipeline source} for every step and the memory graph."""
-    inputs = {step["graph"]: step["inputs"] for step in manifest["pipeline"]["steps"]}
-    memory = manifest["pipeline"].get("memory")
+    inputs = {step.graph: dict(step.inputs) for step in manifest.pipeline.steps}
+    memory = manifest.pipeline.memory
     if memory:
-        inputs[memory["graph"]] = memory["inputs"]
+        inputs[memory.graph] = dict(memory.inputs)
     return inputs
+
+
+def _check_choices(backends: list[str], precisions: list[str]) -> None:
+    from dpa.manifest import PRECISIONS
+    from dpa.runtime.engines import BACKENDS
+
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise DpaError(f"--backends {backend!r}: choose from {', '.join(BACKENDS)}")
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise DpaError(f"--precisions {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if not backends or not precisions:
+        raise DpaError("give at least one backend and one precision")
 
 
 def compare(
@@ -188,148 +167,61 @@ def compare(
     """Run the comparison and write the report folder `out` (report.json, report.md, PNG plots, masks/).
 
     checkpoint: the checkpoint `export_dir` (an fp32 export) was made from (None: the manifest's record, as
-    `dpa check`); its variants are found by `dpa.runtime.engines.resolve_variant`. Returns the report (what
+    `dpa check`); its variants are found by `dpa.runtime.engine.resolve_variant`. The reference is the pytorch
+    backend on that checkpoint, run through the same chain as every other run. Returns the report (what
     report.json holds).
     """
-    import torch
     from tqdm import tqdm
 
     from dpa.calibration.report import write_report
-    from dpa.export.check import resolve_weights
-    from dpa.runtime.chain import load_manifest
-    from dpa.runtime.engines import BACKENDS, PRECISIONS
-    from dpa.runtime.memory import OfflinePolicy, frames_for_references
-    from dpa.runtime.preprocess import postprocess_probability
-    from dpa.runtime.segmenter import Segmenter
+    from dpa.manifest import Manifest
 
     started = time.perf_counter()
-    for backend in backends:
-        if backend not in BACKENDS:
-            raise DpaError(f"--backends {backend!r}: choose from {', '.join(BACKENDS)}")
-    for precision in precisions:
-        if precision not in PRECISIONS:
-            raise DpaError(f"--precisions {precision!r}: choose from {', '.join(PRECISIONS)}")
-    if not backends or not precisions:
-        raise DpaError("give at least one backend and one precision")
+    _check_choices(backends, precisions)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DpaError(f"cannot create the report folder {out}: {error}") from error
-    manifest = load_manifest(export_dir)
-    if manifest.get("precision", "fp32") != "fp32":
-        raise DpaError(f"--export {export_dir} holds {manifest['precision']} graphs; pass the fp32 export folder "
+    manifest = Manifest.load(export_dir)
+    if manifest.precision != "fp32":
+        raise DpaError(f"--export {export_dir} holds {manifest.precision} graphs; pass the fp32 export folder "
                        "(its variants are found in it)")
-    if threads:
-        torch.set_num_threads(threads)
-    model, weights = resolve_weights(export_dir, manifest, checkpoint)
-    size, memory = manifest["size"], manifest["pipeline"].get("memory")
-    runs = []
-    for backend in backends:
-        for precision in precisions:
-            chain, engine = _open_chain(export_dir, backend, precision, device, threads, engine_options or {})
-            runs.append(Run(backend, precision, engine, chain))
-    clips = load_labelled_clips(clip_arguments, size, synthetic_length, max_frames)
+    runs = [_open_run(export_dir, backend, precision, device, threads, engine_options or {})
+            for backend in backends for precision in precisions]
     reference_device = "cuda" if any(run.engine.device.startswith("cuda") for run in runs) else "cpu"
-    reference = TorchReference(model, manifest, reference_device)
-    graph_inputs = _graph_inputs(manifest)
-    layer_feeds: dict[str, list[dict[str, np.ndarray]]] = {graph: [] for graph in graph_inputs}
+    reference = _open_run(export_dir, "pytorch", "fp32", reference_device, threads, {"checkpoint": checkpoint},
+                          label=REFERENCE_LABEL)
+    clips = load_labelled_clips(clip_arguments, manifest.size, synthetic_length, max_frames)
+    layer_feeds: dict[str, list[dict[str, np.ndarray]]] = {graph: [] for graph in _graph_inputs(manifest)}
     rows, references, worst_heap, flow_source = [], [], [], ""
-    reference_latencies: list[float] = []
     bar = tqdm(total=sum(clip.length for clip in clips), desc="compare", unit="frame", disable=not progress)
     for clip in clips:
-        flows, flow_source = offline_flows(clip.frames)
-        segmenters = {}
-        prime_seconds = {}
-        for run in runs:
-            policy = OfflinePolicy(clip.length, memory["capacity"]) if memory else None
-            segmenters[run.label] = Segmenter(run.chain, policy, keep_values=True)
-            if policy is not None:
-                seconds = segmenters[run.label].prime({i: (clip.frames[i], flows[i]) for i in set(policy.references)})
-                prime_seconds[run.label] = sum(v for k, v in seconds.items() if k in run.chain.manifest["graphs"])
-        first = next(iter(segmenters.values()))
-        reference_frames = frames_for_references(clip.length, memory["capacity"]) if memory else []
-        reference.prime({i: first.model_inputs(clip.frames[i], flows[i]) for i in set(reference_frames)},
-                        reference_frames)
-        chosen_for_layers = set(np.linspace(0, clip.length - 1, min(layer_frames, clip.length)).round().astype(int)
-                                .tolist()) if layer_frames > 0 else set()
-        masks = {label: [] for label in [REFERENCE_LABEL, *segmenters]}
-        ious = {run.label: [] for run in runs}
-        errors = {run.label: [] for run in runs}
-        clip_latencies = {run.label: [] for run in runs}
-        clip_reference_latencies = []
-        uncertain = 0  # reference pixels (S x S) with probability in (0.3, 0.7): masks there flip easily
-        for index, (frame, flow) in enumerate(zip(clip.frames, flows, strict=True)):
-            rgb, flow_input = first.model_inputs(frame, flow)
-            values, seconds = reference.frame(rgb, flow_input)
-            clip_reference_latencies.append(seconds)
-            reference_probability = values["decoder/probability"][0, 0]
-            uncertain += int(np.count_nonzero((reference_probability > 0.3) & (reference_probability < 0.7)))
-            _, reference_mask = postprocess_probability(reference_probability, *frame.shape[:2])
-            _write_mask(out / "masks" / clip.name / REFERENCE_LABEL / f"{clip.frame_names[index]}.png",
-                        reference_mask)
-            masks[REFERENCE_LABEL].append(np.packbits(reference_mask))
-            frame_masks, frame_ious = {REFERENCE_LABEL: reference_mask}, {}
-            for run in runs:
-                result = segmenters[run.label].segment_inputs(rgb, flow_input, frame.shape[:2], index)
-                iou = mask_iou(result.mask, reference_mask)
-                ious[run.label].append(iou)
-                frame_ious[run.label] = iou
-                frame_masks[run.label] = result.mask
-                masks[run.label].append(np.packbits(result.mask))
-                _write_mask(out / "masks" / clip.name / run.label / f"{clip.frame_names[index]}.png", result.mask)
-                difference = np.abs(run.chain.probability(result.values).astype(np.float64)
-                                    - reference_probability.astype(np.float64))
-                errors[run.label].append((float(difference.max()), float(difference.mean())))
-                run.histogram += np.histogram(np.clip(difference, 0.0, 1.0), HISTOGRAM_EDGES)[0]
-                for name, array in result.values.items():
-                    if name.startswith("frame/") or name == reference.valid_source or name not in values:
-                        continue
-                    if name.startswith("memory/") and index > 0:
-                        continue  # the bank is the same for every frame of the clip
-                    run.stages.setdefault(name, TensorError()).add(array, values[name])
-                latency = sum(s for stage, s in result.seconds.items() if stage in run.chain.manifest["graphs"])
-                clip_latencies[run.label].append(latency)
-            if index in chosen_for_layers:
-                for graph, sources in graph_inputs.items():
-                    if all(source in values for source in sources.values()):
-                        layer_feeds[graph].append({name: values[source] for name, source in sources.items()})
-            candidate = _WorstFrame(-min(frame_ious.values()), clip.name, index, clip.frame_names[index], frame,
-                                    frame_masks, frame_ious, clip.masks[index] if clip.masks else None)
+        flows, flow_source = offline_flows(clip.frames, manifest.size)
+        state = _start_clip(clip, flows, reference, runs, layer_frames)
+        for index in range(clip.length):
+            candidate = _compare_frame(state, index, reference, runs, out, layer_feeds)
             if len(worst_heap) < worst:
                 heapq.heappush(worst_heap, candidate)
             elif worst > 0:
                 heapq.heappushpop(worst_heap, candidate)
             bar.update()
-        shape = clip.frames[0].shape[:2]
-        unpacked = {label: [np.unpackbits(m, count=shape[0] * shape[1]).reshape(shape).astype(bool) for m in packed]
-                    for label, packed in masks.items()}
-        reference_score = (_score(clip.frame_names, clip.masks, unpacked[REFERENCE_LABEL]) if clip.masks
-                           else {"J_mean": None, "F_mean": None, "G": None})
-        references.append({"clip": clip.name, "source": clip.source, "frames": clip.length,
-                           "ground_truth": clip.masks is not None, "memory_frames": reference_frames,
-                           "J_mean": reference_score["J_mean"], "F_mean": reference_score["F_mean"],
-                           "G": reference_score["G"], "latency_ms": 1e3 * float(np.median(clip_reference_latencies)),
-                           "uncertain_share": uncertain / (clip.length * size * size)})
-        reference_latencies.extend(clip_reference_latencies)
-        for run in runs:
-            rows.append(_row(run, clip, ious[run.label], errors[run.label], clip_latencies[run.label],
-                             prime_seconds.get(run.label), unpacked[run.label]))
-            run.frame_latencies.extend(clip_latencies[run.label])
+        references.append(_finish_clip(state, reference, runs, rows, manifest.size))
     bar.close()
+    memory = manifest.pipeline.memory
     report = {
         "format": REPORT_FORMAT,
         "export": str(Path(export_dir).resolve()),
-        "checkpoint": weights,
-        "model": {"config": manifest["model"]["config"]["name"], "size": size,
-                  "memory": memory["capacity"] if memory else None},
+        "checkpoint": reference.engine.details["weights"],
+        "model": {"config": manifest.config_name, "size": manifest.size,
+                  "memory": memory.capacity if memory else None},
         "flow": flow_source,
         "memory_policy": "offline: the paper's reference frames k_i = floor(i (L-1) / (N-1)) of each clip, "
                          "entries built by each run's own graphs",
         "clips": [{"name": c.name, "source": c.source, "frames": c.length, "ground_truth": c.masks is not None}
                   for c in clips],
         "reference": {"backend": "pytorch", "precision": "fp32", "device": reference_device,
-                      "latency_ms": 1e3 * float(np.median(reference_latencies)), "clips": references},
+                      "latency_ms": 1e3 * float(np.median(reference.frame_latencies)), "clips": references},
         "engines": {run.label: _describe_engine(run.engine) for run in runs},
         "rows": rows,
         "summary": [_summary(run, [row for row in rows if row["backend"] == run.backend
@@ -349,7 +241,98 @@ def compare(
                               for w in worst_frames]
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_report(report, out, worst_frames, [run.label for run in runs], REFERENCE_LABEL)
+    for run in [reference, *runs]:
+        run.engine.close()
     return report
+
+
+def _start_clip(clip: LabelledClip, flows: list[np.ndarray], reference: Run, runs: list[Run],
+                layer_frames: int) -> ClipState:
+    """A segmenter per run (and the reference) with the clip's offline policy, its memory primed."""
+    from dpa.runtime.memory import OfflinePolicy
+    from dpa.runtime.segmenter import Segmenter
+
+    memory = reference.chain.memory
+
+    def start(run: Run) -> RunOnClip:
+        policy = OfflinePolicy(clip.length, memory.capacity) if memory else None
+        segmenter = Segmenter(run.chain, policy, keep_values=True)
+        if policy is None:
+            return RunOnClip(segmenter)
+        seconds = segmenter.prime({i: (clip.frames[i], flows[i]) for i in set(policy.references)})
+        return RunOnClip(segmenter, run.latency(seconds))
+
+    chosen = np.linspace(0, clip.length - 1, min(layer_frames, clip.length)).round().astype(int).tolist()
+    reference_state = start(reference)
+    policy = reference_state.segmenter.policy
+    return ClipState(clip, flows, reference_state, {run.label: start(run) for run in runs},
+                     set(chosen) if layer_frames > 0 else set(), policy.references if policy else [])
+
+
+def _compare_frame(state: ClipState, index: int, reference: Run, runs: list[Run], out: Path,
+                   layer_feeds: dict[str, list]) -> _WorstFrame:
+    """Segment frame `index` with the reference and every run; record masks, IoUs, errors, stage tensors,
+    latencies; return the frame as a worst-frame candidate."""
+    clip, frame = state.clip, state.clip.frames[index]
+    name = clip.frame_names[index]
+    rgb, flow = state.reference.segmenter.model_inputs(frame, state.flows[index])
+    expected = state.reference.segmenter.segment_inputs(rgb, flow, frame.shape[:2], index)
+    values = expected.values
+    reference_probability = reference.chain.probability(values)
+    state.uncertain += int(np.count_nonzero((reference_probability > 0.3) & (reference_probability < 0.7)))
+    _record(state.reference, reference, expected, out / "masks" / clip.name / REFERENCE_LABEL / f"{name}.png")
+    frame_masks, frame_ious = {REFERENCE_LABEL: expected.mask}, {}
+    valid_source = f"memory/{reference.chain.memory.valid}" if reference.chain.memory else None
+    for run in runs:
+        measured = state.runs[run.label]
+        result = measured.segmenter.segment_inputs(rgb, flow, frame.shape[:2], index)
+        _record(measured, run, result, out / "masks" / clip.name / run.label / f"{name}.png")
+        measured.ious.append(frame_ious.setdefault(run.label, mask_iou(result.mask, expected.mask)))
+        frame_masks[run.label] = result.mask
+        difference = np.abs(run.chain.probability(result.values).astype(np.float64)
+                            - reference_probability.astype(np.float64))
+        measured.errors.append((float(difference.max()), float(difference.mean())))
+        run.histogram += np.histogram(np.clip(difference, 0.0, 1.0), HISTOGRAM_EDGES)[0]
+        for tensor, array in result.values.items():
+            if tensor.startswith("frame/") or tensor == valid_source or tensor not in values:
+                continue
+            if tensor.startswith("memory/") and index > 0:
+                continue  # the bank is the same for every frame of the clip
+            run.stages.setdefault(tensor, TensorError()).add(array, values[tensor])
+    if index in state.layer_frames:
+        for graph, sources in _graph_inputs(reference.chain.manifest).items():
+            if all(source in values for source in sources.values()):
+                layer_feeds[graph].append({input_name: values[source] for input_name, source in sources.items()})
+    return _WorstFrame(-min(frame_ious.values()), clip.name, index, name, frame, frame_masks, frame_ious,
+                       clip.masks[index] if clip.masks else None)
+
+
+def _record(measured: RunOnClip, run: Run, result, mask_path: Path) -> None:
+    measured.masks.append(np.packbits(result.mask))
+    measured.latencies.append(run.latency(result.seconds))
+    _write_mask(mask_path, result.mask)
+
+
+def _finish_clip(state: ClipState, reference: Run, runs: list[Run], rows: list[dict], size: int) -> dict:
+    """Score the clip's masks, append each run's row to `rows`; returns the reference's record of the clip."""
+    clip = state.clip
+    shape = clip.frames[0].shape[:2]
+
+    def unpack(packed: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.unpackbits(m, count=shape[0] * shape[1]).reshape(shape).astype(bool) for m in packed]
+
+    no_score = {"J_mean": None, "F_mean": None, "G": None}
+    score = _score(clip.frame_names, clip.masks, unpack(state.reference.masks)) if clip.masks else no_score
+    reference.frame_latencies.extend(state.reference.latencies)
+    for run in runs:
+        measured = state.runs[run.label]
+        rows.append(_row(run, clip, measured.ious, measured.errors, measured.latencies, measured.prime_seconds,
+                         unpack(measured.masks)))
+        run.frame_latencies.extend(measured.latencies)
+    return {"clip": clip.name, "source": clip.source, "frames": clip.length, "ground_truth": clip.masks is not None,
+            "memory_frames": state.reference_frames, "J_mean": score["J_mean"], "F_mean": score["F_mean"],
+            "G": score["G"], "latency_ms": 1e3 * float(np.median(state.reference.latencies)),
+            "uncertain_share": state.uncertain / (clip.length * size * size)}
 
 
 def _row(run: Run, clip: LabelledClip, ious: list[float], errors: list[tuple[float, float]],
@@ -402,20 +385,20 @@ def _layers(export_dir: str | Path, runs: list[Run], feeds: dict[str, list], thr
             top: int = 5) -> dict:
     """precision -> graph -> the `top` layers with the largest added error (ONNX Runtime CPU, isolated feeds)."""
     from dpa.calibration.layers import layer_errors
-    from dpa.runtime.chain import graph_file, load_manifest
-    from dpa.runtime.engines import resolve_variant
+    from dpa.manifest import Manifest
+    from dpa.runtime.engine import resolve_variant
 
-    fp32_manifest = load_manifest(export_dir)
+    fp32_manifest = Manifest.load(export_dir)
     layers = {}
     for precision in sorted({run.precision for run in runs} - {"fp32"}):
         variant = resolve_variant(export_dir, precision)
-        variant_manifest = load_manifest(variant)
+        variant_manifest = Manifest.load(variant)
         layers[precision] = {}
         for graph, graph_feeds in feeds.items():
             if not graph_feeds:
                 continue
-            rows = layer_errors(graph_file(export_dir, fp32_manifest, graph, "functions"),
-                                graph_file(variant, variant_manifest, graph, "functions"), graph_feeds, threads)
+            rows = layer_errors(fp32_manifest.graph_file(export_dir, graph, "functions"),
+                                variant_manifest.graph_file(variant, graph, "functions"), graph_feeds, threads)
             layers[precision][graph] = {"feeds": len(graph_feeds), "layers": len(rows), "top": rows[:top]}
     return layers
 
@@ -424,7 +407,7 @@ def _notes(runs: list[Run], clips: list[LabelledClip]) -> list[str]:
     notes = []
     compared = {clip.name for clip in clips}
     for run in runs:
-        variant = run.engine.manifest.get("variant") or {}
+        variant = run.engine.manifest.variant or {}
         calibrated = {clip["name"] for clip in variant.get("calibration_clips", [])}
         overlap = sorted(compared & calibrated)
         if overlap and run.precision == "int8":

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from dpa.calibration.clips import LabelledClip, offline_flows
 from dpa.errors import DpaError
+from dpa.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -72,30 +73,51 @@ class FeedSet:
 
 
 class _Recorder:
-    """Wraps sessions so that every feed they receive is copied, tagged with the current `origin`."""
+    """Wraps an engine's runners so that every feed they receive is copied to the host, tagged with the current
+    `origin`."""
 
-    def __init__(self, sessions: Mapping[str, object]):
-        self.sessions = sessions
-        self.feeds: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in sessions}
-        self.origins: dict[str, list[dict]] = {name: [] for name in sessions}
+    def __init__(self, engine):
+        self.engine = engine
+        self.feeds: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in engine.runners}
+        self.origins: dict[str, list[dict]] = {name: [] for name in engine.runners}
         self.origin: dict | None = None  # None: do not record
-        self.capture: set[str] = set(sessions)
+        self.capture: set[str] = set(engine.runners)
 
-    def proxies(self) -> dict[str, _RecordingSession]:
-        return {name: _RecordingSession(self, name) for name in self.sessions}
+    def recording_engine(self):
+        """The engine, answering through recording runners."""
+        return self.engine.with_runners({name: _RecordingRunner(self, name) for name in self.engine.runners})
 
 
-class _RecordingSession:
+class _RecordingRunner:
     def __init__(self, recorder: _Recorder, graph: str):
         self.recorder = recorder
         self.graph = graph
+        self.runner = recorder.engine.runners[graph]
+        self.name, self.input_names, self.output_names = graph, self.runner.input_names, self.runner.output_names
 
-    def run(self, output_names, feed):
+    @property
+    def last_seconds(self) -> float:
+        return self.runner.last_seconds
+
+    def _record(self, feed) -> None:
         recorder = self.recorder
         if recorder.origin is not None and self.graph in recorder.capture:
-            recorder.feeds[self.graph].append({name: np.array(array, copy=True) for name, array in feed.items()})
+            download = recorder.engine.transfer.download
+            recorder.feeds[self.graph].append({name: np.array(download(value), copy=True)
+                                               for name, value in feed.items()})
             recorder.origins[self.graph].append(dict(recorder.origin))
-        return recorder.sessions[self.graph].run(output_names, feed)
+
+    def run_resident(self, feed):
+        self._record(feed)
+        return self.runner.run_resident(feed)
+
+    def run(self, output_names, feed):
+        self._record(feed)
+        return self.runner.run(output_names, feed)
+
+    def infer(self, feed):
+        self._record(feed)
+        return self.runner.infer(feed)
 
 
 def record_feeds(
@@ -109,41 +131,42 @@ def record_feeds(
     """
     from tqdm import tqdm
 
-    from dpa.runtime.chain import StageChain, load_manifest, onnxruntime_sessions
+    from dpa.runtime.chain import StageChain
+    from dpa.runtime.engines import open_engine
     from dpa.runtime.memory import OfflinePolicy
     from dpa.runtime.segmenter import Segmenter
 
     if not clips:
         raise DpaError("calibration needs real frames: pass --frames with clip folders or synthetic:SEED "
                        "(random data is never used)")
-    manifest = load_manifest(export_dir)
-    if manifest.get("precision", "fp32") != "fp32":
-        raise DpaError(f"{export_dir} holds the {manifest['precision']} variant; record feeds from the fp32 export")
-    sessions, form = onnxruntime_sessions(export_dir, manifest, threads=threads)
-    recorder = _Recorder(sessions)
-    chain = StageChain(recorder.proxies(), manifest)
+    manifest = Manifest.load(export_dir)
+    if manifest.precision != "fp32":
+        raise DpaError(f"{export_dir} holds the {manifest.precision} variant; record feeds from the fp32 export")
+    engine = open_engine(export_dir, "onnxruntime", device="cpu", threads=threads)
+    recorder = _Recorder(engine)
+    chain = StageChain(recorder.recording_engine())
     memory = chain.memory
     clip_records, flow_source = [], ""
     bar = tqdm(total=sum(clip.length for clip in clips), desc="record feeds", unit="frame", disable=not progress)
     for clip in clips:
-        flows, flow_source = offline_flows(clip.frames)
-        policy = OfflinePolicy(clip.length, memory["capacity"]) if memory else None
+        flows, flow_source = offline_flows(clip.frames, manifest.size)
+        policy = OfflinePolicy(clip.length, memory.capacity) if memory else None
         segmenter = Segmenter(chain, policy, keep_values=bool(memory))
         references = sorted(set(policy.references)) if policy else []
         if memory:
-            recorder.capture = {memory["graph"]}  # the reference frames' encoder feeds come again as frames below
+            recorder.capture = {memory.graph}  # the reference frames' encoder feeds come again as frames below
             for index in references:
                 recorder.origin = {"clip": clip.name, "frame": index, "role": "reference"}
                 rgb, flow = segmenter.model_inputs(clip.frames[index], flows[index])
                 entry = chain.memory_entry(chain.frame_values(rgb, flow))
                 for slot in policy.slots_of(index):
                     segmenter.bank.write(slot, entry)
-            recorder.capture = set(sessions)
+            recorder.capture = set(engine.runners)
         for index, (frame, flow) in enumerate(zip(clip.frames, flows, strict=True)):
             recorder.origin = {"clip": clip.name, "frame": index, "role": "frame"}
             result = segmenter.segment(frame, flow, index)
             if memory and index not in references:
-                chain.run_graph(memory["graph"], memory["inputs"], result.values)
+                chain.run_graph(memory.graph, memory.inputs, result.values)
             bar.update()
         recorder.origin = None
         clip_records.append({"name": clip.name, "source": clip.source, "frames": clip.length,
@@ -153,9 +176,10 @@ def record_feeds(
         graph: {name: np.stack([feed[name] for feed in feeds]) for name in feeds[0]}
         for graph, feeds in recorder.feeds.items() if feeds
     }
-    export = {"directory": str(Path(export_dir).resolve()), "config": manifest["model"]["config"]["name"],
-              "size": manifest["size"], "memory": manifest["memory"],
-              "weights_sha256": manifest["model"]["weights_sha256"], "form": form}
+    export = {"directory": str(Path(export_dir).resolve()), "config": manifest.config_name,
+              "size": manifest.size, "memory": manifest.memory,
+              "weights_sha256": manifest.model.weights_sha256, "form": engine.form}
+    engine.close()
     return FeedSet(arrays, {g: o for g, o in recorder.origins.items() if o}, export, clip_records, flow_source)
 
 
@@ -211,16 +235,16 @@ def load_feeds(directory: str | Path) -> FeedSet:
     return FeedSet(arrays, origins, index["export"], index.get("clips", []), index.get("flow", ""))
 
 
-def check_feeds_match(feeds: FeedSet, manifest: dict) -> None:
+def check_feeds_match(feeds: FeedSet, manifest: Manifest) -> None:
     """DpaError unless `feeds` were recorded from graphs with the manifest's weights and input shapes."""
-    if feeds.export.get("weights_sha256") != manifest["model"]["weights_sha256"]:
+    if feeds.export.get("weights_sha256") != manifest.model.weights_sha256:
         raise DpaError("these feeds were recorded from other weights (weights sha256 differs); record them again "
                        "from this export")
-    for graph, spec in manifest["graphs"].items():
+    for graph, spec in manifest.graphs.items():
         if graph not in feeds.arrays:
             raise DpaError(f"no feeds for graph {graph!r}; record them again from this export")
-        for tensor in spec["inputs"]:
-            array = feeds.arrays[graph].get(tensor["name"])
-            if array is None or list(array.shape[1:]) != list(tensor["shape"]):
-                raise DpaError(f"feeds of {graph}/{tensor['name']} do not match the graph's input "
-                               f"{tensor['shape']}; record them again from this export")
+        for tensor in spec.inputs:
+            array = feeds.arrays[graph].get(tensor.name)
+            if array is None or tuple(array.shape[1:]) != tensor.shape:
+                raise DpaError(f"feeds of {graph}/{tensor.name} do not match the graph's input "
+                               f"{list(tensor.shape)}; record them again from this export")

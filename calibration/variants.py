@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
 import io
-import json
 import logging
 import os
 import shutil
@@ -562,16 +562,16 @@ def write_variant(
     int8 only, node-name patterns (fnmatch) left float besides the prototype-attention nodes. split_ratio: int8
     only, see `quantize_int8`.
     """
-    from dpa.runtime.chain import MANIFEST_NAME, graph_file, load_manifest
+    from dpa.manifest import Manifest
 
     if precision not in VARIANT_PRECISIONS:
         raise DpaError(f"unknown variant precision {precision!r}; choose from {', '.join(VARIANT_PRECISIONS)}")
     export_dir = Path(export_dir)
-    manifest = load_manifest(export_dir)
-    if manifest.get("precision", "fp32") != "fp32":
-        raise DpaError(f"{export_dir} holds the {manifest['precision']} variant; make variants from the fp32 export")
-    if "functions" not in manifest["forms"]:
-        raise DpaError(f"{export_dir} lacks the functions form (exported: {', '.join(manifest['forms'])}); the "
+    manifest = Manifest.load(export_dir)
+    if manifest.precision != "fp32":
+        raise DpaError(f"{export_dir} holds the {manifest.precision} variant; make variants from the fp32 export")
+    if "functions" not in manifest.forms:
+        raise DpaError(f"{export_dir} lacks the functions form (exported: {', '.join(manifest.forms)}); the "
                        "variants are made from it: re-export with --form functions or --form all")
     check_feeds_match(feeds, manifest)
     target = Path(out_dir) / precision
@@ -583,12 +583,12 @@ def write_variant(
         raise DpaError(f"cannot create {target}: {error}") from error
     import onnx
 
-    variant_manifest = copy.deepcopy(manifest)
+    graphs = {}
     details: dict = {"excluded_nodes": {}, "quantized_nodes": {}, "float32_nodes": {}, "activation_amax": {},
                      "split_convs": {}, "split_ratio": split_ratio}
     started = time.perf_counter()
-    for graph, spec in manifest["graphs"].items():
-        source = graph_file(export_dir, manifest, graph, "functions")
+    for graph, spec in manifest.graphs.items():
+        source = manifest.graph_file(export_dir, graph, "functions")
         if precision == "fp16":
             converted = convert_to_float16(onnx.load(str(source)))
             details["float32_nodes"][graph] = _count_types(float32_nodes(converted))
@@ -607,30 +607,31 @@ def write_variant(
                 if node.op_type in QUANTIZED_OP_TYPES
                 and any(_is_dequantized(converted, name) for name in node.input[:2]))
         sizes = {}
-        for form in manifest["forms"]:
-            file = spec["files"][form]
+        for form in manifest.forms:
+            file = spec.files[form]
             if file not in sizes:
                 sizes[file] = _save(_forms_of(converted, form), target / file, form)
         sample = list(feeds.feeds(graph, limit=verify_feeds))
         checked_form = "functions"
-        verification = _verify(source, target / spec["files"][checked_form], sample, threads)
-        if "portable" in manifest["forms"] and spec["files"]["portable"] != spec["files"]["functions"]:
-            portable = _verify(source, target / spec["files"]["portable"], sample, threads)
+        verification = _verify(source, target / spec.files[checked_form], sample, threads)
+        if "portable" in manifest.forms and spec.files["portable"] != spec.files["functions"]:
+            portable = _verify(source, target / spec.files["portable"], sample, threads)
             verification["portable_max_abs"] = portable["max_abs"]
-        variant_manifest["graphs"][graph]["bytes"] = sizes
-        variant_manifest["graphs"][graph]["verification"] = {"form": checked_form, "against": "fp32 graph",
-                                                            **verification}
+        graphs[graph] = dataclasses.replace(spec, details={
+            **spec.details, "bytes": sizes,
+            "verification": {"form": checked_form, "against": "fp32 graph", **verification}})
         log.info("%s %s: %s (max abs vs fp32 on %d feeds: %s)", precision, graph,
                  ", ".join(f"{f} {s / 2**20:.2f} MiB" for f, s in sizes.items()), len(sample),
                  ", ".join(f"{k} {v:.2e}" for k, v in verification["max_abs"].items()))
-    variant_manifest["precision"] = precision
-    variant_manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    checkpoint_path = manifest.get("checkpoint", {}).get("path")
-    if checkpoint_path and not Path(checkpoint_path).is_absolute():
-        variant_manifest["checkpoint"]["path"] = os.path.relpath(export_dir / checkpoint_path, target)
-    variant_manifest["variant"] = _describe(precision, export_dir, target, feeds, method, list(exclude), details,
-                                            time.perf_counter() - started)
-    (target / MANIFEST_NAME).write_text(json.dumps(variant_manifest, indent=1) + "\n")
+    checkpoint = manifest.checkpoint
+    if checkpoint.path and not Path(checkpoint.path).is_absolute():
+        checkpoint = dataclasses.replace(checkpoint, path=os.path.relpath(export_dir / checkpoint.path, target))
+    variant = manifest.with_changes(
+        precision=precision, graphs=graphs, checkpoint=checkpoint,
+        record={**manifest.record, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        variant=_describe(precision, export_dir, target, feeds, method, list(exclude), details,
+                          time.perf_counter() - started))
+    variant.save(target)
     return target
 
 

@@ -1,8 +1,5 @@
-"""The `dpa` command: a registry of subcommands contributed by the packages.
-
-Each package has a `cli` module whose functions are registered with `@command`; those modules import
-only argparse-level code at load time, so `dpa --help` stays fast and torch-free paths stay torch-free.
-"""
+"""The `dpa` command: the parser over the subcommands that each package's `cli` module registers (`dpa.command`),
+and `main`, which turns a DpaError into one line and exit code 1."""
 
 from __future__ import annotations
 
@@ -10,9 +7,8 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 
+from dpa.command import REGISTRY, Command
 from dpa.errors import DpaError
 
 COMMAND_MODULES = (
@@ -24,29 +20,6 @@ COMMAND_MODULES = (
 )
 
 
-@dataclass(frozen=True)
-class Command:
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int | None]
-
-
-_REGISTRY: dict[str, Command] = {}
-
-
-def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] | None = None):
-    """Register `run(args) -> exit code | None` as subcommand `name` with its argument builder."""
-
-    def register(run: Callable[[argparse.Namespace], int | None]):
-        if name in _REGISTRY:
-            raise RuntimeError(f"subcommand {name!r} registered twice")
-        _REGISTRY[name] = Command(name, help, arguments or (lambda parser: None), run)
-        return run
-
-    return register
-
-
 def registered_commands() -> dict[str, Command]:
     """Import every package's cli module (registering its commands) and return the registry."""
     for module in COMMAND_MODULES:
@@ -55,7 +28,7 @@ def registered_commands() -> dict[str, Command]:
         except ModuleNotFoundError as error:
             if error.name != module:
                 raise
-    return dict(sorted(_REGISTRY.items()))
+    return dict(sorted(REGISTRY.items()))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,21 +28,23 @@ network amplifies fp32 rounding (untrained full-width networks do: their logits 
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from dpa.errors import DpaError
 from dpa.export.agreement import TensorError
 from dpa.export.frames import load_clip, preprocess_clip, synthetic_clip
-from dpa.export.graphs import ENTRY_OUTPUTS, PROBABILITY
-from dpa.runtime.chain import MemoryBank, StageChain, load_manifest, onnxruntime_sessions
-from dpa.runtime.memory import frames_for_references
-from dpa.training.model import DPA, MODALITIES, Encoded
+from dpa.manifest import Manifest
+from dpa.runtime.chain import StageChain
+from dpa.runtime.engines import open_engine
+from dpa.runtime.memory import MemoryBank
+from dpa.sampling import frames_for_references
+from dpa.training.stages import ENTRY_OUTPUTS, PROBABILITY
+from dpa.training.torch_engine import engine_model, model_engine, open_torch_engine
 
 log = logging.getLogger(__name__)
 
@@ -70,73 +72,45 @@ class Agreement(TensorError):
 
 
 class Comparisons(dict):
-    """output name -> Agreement; `add` compares an ONNX Runtime array with a PyTorch tensor."""
+    """output name -> Agreement; `add` compares an array with its reference."""
 
-    def add(self, name: str, actual: np.ndarray, expected: torch.Tensor) -> None:
-        self.setdefault(name, Agreement()).add(actual, expected.numpy())
+    def add(self, name: str, actual: np.ndarray, expected: np.ndarray) -> None:
+        self.setdefault(name, Agreement()).add(actual, expected)
 
     def report(self) -> dict[str, dict]:
         return {name: agreement.to_dict(name == f"decoder/{PROBABILITY}") for name, agreement in self.items()}
 
 
-def resolve_weights(directory: str | Path, manifest: dict, checkpoint: str | None) -> tuple[DPA, dict]:
-    """The PyTorch model the graphs of `directory` were exported from, at the manifest's S and N.
+class _Side:
+    """One backend of the comparison: its chain, its memory bank (the same reference frames on every side) and the
+    host copies of what it computed for the current frame."""
 
-    checkpoint None: the manifest's record — the seeded initialisation, or the checkpoint it names (a relative
-    path is looked up in `directory` first: `dpa export --init calibrated` stores its weights there). The
-    weights must hash to the manifest's `weights_sha256`.
-    """
-    from dpa.export.exporter import weights_sha256
-    from dpa.files import file_sha256
-    from dpa.training.checkpoint import load_checkpoint, load_state
-    from dpa.training.config import ModelConfig
-    from dpa.training.model import build_model
+    def __init__(self, chain: StageChain):
+        self.chain = chain
+        self.bank = chain.new_bank() if chain.memory else None
+        self.entries: list[dict[str, np.ndarray]] = []
+        self.values: dict[str, np.ndarray] = {}
 
-    config = ModelConfig.from_dict(manifest["model"]["config"])
-    recorded = manifest["checkpoint"]
-    if checkpoint is None and recorded["path"] is None:
-        model = build_model(config, seed=recorded["seed"])
-        source = {"path": None, "random_init": True, "seed": recorded["seed"]}
-    else:
-        if checkpoint is None:
-            path = Path(recorded["path"])
-            checkpoint = str(Path(directory) / path if (Path(directory) / path).is_file() else path)
-        payload = load_checkpoint(checkpoint)
-        sha = file_sha256(payload["path"])
-        if recorded["sha256"] and sha != recorded["sha256"]:
-            log.warning("checkpoint %s (sha256 %s…) is not the exported file (sha256 %s…); comparing the weights",
-                        payload["path"], sha[:12], recorded["sha256"][:12])
-        model = DPA(config)
-        load_state(model, payload["model"], source=payload["path"])
-        source = {"path": payload["path"], "sha256": sha, "random_init": recorded["random_init"]}
-    if weights_sha256(model) != manifest["model"]["weights_sha256"]:
-        raise DpaError("these weights are not the ones the graphs were exported from (weights sha256 differs); "
-                       "pass the checkpoint given to `dpa export`")
-    return model.eval(), source
+    def admit(self, slot: int, rgb: np.ndarray, flow: np.ndarray) -> dict[str, np.ndarray]:
+        entry = self.chain.memory_entry(self.chain.frame_values(rgb, flow))
+        self.bank.write(slot, entry)
+        entry = {name: self.chain.transfer.download(tensor) for name, tensor in entry.items()}
+        self.entries.append(entry)
+        return entry
+
+    def process(self, rgb: np.ndarray, flow: np.ndarray) -> dict[str, np.ndarray]:
+        self.values = self.chain.download(self.chain.process(rgb, flow, self.bank))
+        return self.values
+
+    def probability(self) -> np.ndarray:
+        return self.values[f"decoder/{PROBABILITY}"]
 
 
-def _encoder_values(encoded: Encoded) -> dict[str, torch.Tensor]:
-    """The encoder graph's outputs, by name, from the PyTorch stage."""
-    values = dict(zip(("f1", "f2", "f3"), encoded.skips, strict=True))
-    values.update({f"f4_{m}": encoded.f4[m] for m in MODALITIES})
-    values.update({f"f5_{m}": encoded.f5[m] for m in MODALITIES})
-    return values
-
-
-def _torch_sources(encoded: Encoded, ima5: dict | None) -> dict[str, np.ndarray]:
-    """PyTorch stage outputs as pipeline values ("encoder/…", "ima/…"), to feed a graph in isolation."""
-    values = {f"encoder/{name}": t.numpy() for name, t in _encoder_values(encoded).items()}
-    if ima5 is not None:
-        values.update({f"ima/ima5_{m}": ima5[m].numpy() for m in MODALITIES})
-    return values
-
-
-def _step_inputs(manifest: dict, graph: str) -> dict[str, str]:
-    """input name -> pipeline source of `graph` (a step, or the memory graph)."""
-    memory = manifest["pipeline"]["memory"]
-    if memory and graph == memory["graph"]:
-        return memory["inputs"]
-    return next(step["inputs"] for step in manifest["pipeline"]["steps"] if step["graph"] == graph)
+def _isolated(chain: StageChain, graph: str, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`graph` of `chain` fed another side's host values (its inputs' sources), outputs as host arrays."""
+    memory = chain.memory
+    sources = memory.inputs if memory and graph == memory.graph else chain.pipeline.step(graph).inputs
+    return chain.download(chain.run_graph(graph, sources, values))
 
 
 def check_export(
@@ -146,97 +120,70 @@ def check_export(
 ) -> dict:
     """Compare the graphs of `directory` with PyTorch on `frames` frames spread over the clip. Returns the report.
 
-    clip: a clip folder, or None for a synthetic clip of `clip_length` frames (seed `seed`) at S pixels.
-    "outputs": the graphs chained (each fed by the graphs before it, as deployed); "isolated": each graph fed
-    PyTorch's tensors, which separates a graph's own error from the network's amplification of its inputs'.
-    fp64: also run the PyTorch chain in float64 and report both fp32 implementations' distance to it.
+    Both sides are engines chained by the same `StageChain`: ONNX Runtime (CPU) on the graphs, PyTorch on the
+    model they were exported from (`open_torch_engine`). clip: a clip folder, or None for a synthetic clip of
+    `clip_length` frames (seed `seed`) at S pixels. "outputs": the graphs chained (each fed by the graphs before
+    it, as deployed); "isolated": each graph fed PyTorch's tensors, which separates a graph's own error from the
+    network's amplification of its inputs'. fp64: also run the PyTorch chain in float64 and report both fp32
+    implementations' distance to it.
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
-    manifest = load_manifest(directory)
-    model, weights = resolve_weights(directory, manifest, checkpoint)
+    manifest = Manifest.load(directory)
+    ort_engine = open_engine(directory, "onnxruntime", device="cpu", threads=threads, form=form)
+    torch_engine = open_torch_engine(Path(directory), manifest, "fp32", device="cpu", checkpoint=checkpoint)
+    model = engine_model(torch_engine)
     config = model.config
-    sessions, form = onnxruntime_sessions(directory, manifest, form=form, threads=threads)
-    chain = StageChain(sessions, manifest)
+    onnxruntime, pytorch = _Side(StageChain(ort_engine)), _Side(StageChain(torch_engine))
+    exact = _Side(StageChain(model_engine(model, "cpu", torch.float64, manifest))) if fp64 else None
+    sides = [side for side in (onnxruntime, pytorch, exact) if side is not None]
     source = load_clip(clip) if clip is not None else synthetic_clip(clip_length, config.size, seed)
     length = len(source.frames)
     checked = sorted({int(round(i)) for i in np.linspace(0, length - 1, min(frames, length))})
     references = frames_for_references(length, config.memory) if config.uses_ifa else []
     rgb, flow, flow_source = preprocess_clip(source, sorted(set(checked) | set(references)), config.size)
-    log.info("checking %s (%s form) on %s: frames %s, references %s", directory, form, source.source, checked,
-             references)
-
-    def tensor(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array, np.float32))[None]
+    log.info("checking %s (%s form) on %s: frames %s, references %s", directory, ort_engine.form, source.source,
+             checked, references)
 
     chained, isolated, exact_comparisons = Comparisons(), Comparisons(), Comparisons()
-    exact = _float64(model) if fp64 else None
-    exact_entries: list[dict[str, torch.Tensor]] = []
     bar = tqdm(total=len(references) + len(checked), desc="check", unit="frame", disable=not progress)
-    bank = torch_bank = None
-    torch_entries: list[dict[str, torch.Tensor]] = []
-    torch_memory = torch_valid = None
-    with torch.no_grad():
-        if config.uses_ifa:
-            bank, torch_bank = MemoryBank(manifest), MemoryBank(manifest)
-            for slot, index in enumerate(references):
-                entry = chain.memory_entry(chain.frame_values(rgb[index], flow[index]))
-                bank.write(slot, entry)
-                encoded = model.encode(tensor(rgb[index]), tensor(flow[index]))
-                expected = model.memory_entry(encoded.f5)
-                torch_entry = dict(zip(ENTRY_OUTPUTS, (*expected["appearance"], *expected["motion"]), strict=True))
-                torch_entries.append(torch_entry)
-                if exact is not None:
-                    encoded64 = exact.encode(tensor(rgb[index]).double(), tensor(flow[index]).double())
-                    entry64 = exact.memory_entry(encoded64.f5)
-                    exact_entries.append(dict(zip(ENTRY_OUTPUTS, (*entry64["appearance"], *entry64["motion"]),
-                                                  strict=True)))
-                torch_bank.write(slot, {name: t.numpy() for name, t in torch_entry.items()})
-                alone = chain.run_graph("ifa_memory", _step_inputs(manifest, "ifa_memory"),
-                                        _torch_sources(encoded, None))
-                for name in ENTRY_OUTPUTS:
-                    chained.add(f"ifa_memory/{name}", entry[name], torch_entry[name])
-                    isolated.add(f"ifa_memory/{name}", alone[f"ifa_memory/{name}"], torch_entry[name])
-                bar.update()
-            torch_memory = {
-                m: tuple(torch.stack([e[f"{kind}_{m}"] for e in torch_entries], 1) for kind in ("keys", "values"))
-                for m in MODALITIES
-            }
-            torch_valid = torch.ones(1, len(references), dtype=torch.bool)
-        first_query = None
-        for index in checked:
-            values = chain.process(rgb[index], flow[index], bank)
-            encoded = model.encode(tensor(rgb[index]), tensor(flow[index]))
-            for name, expected in _encoder_values(encoded).items():
-                chained.add(f"encoder/{name}", values[f"encoder/{name}"], expected)
-            ima5 = model.ima_block5(encoded.f5) if config.uses_ima else None
-            torch_values = _torch_sources(encoded, ima5)
-            if ima5 is not None:
-                alone = chain.run_graph("ima", _step_inputs(manifest, "ima"), torch_values)
-                for m in MODALITIES:
-                    chained.add(f"ima/ima5_{m}", values[f"ima/ima5_{m}"], ima5[m])
-                    isolated.add(f"ima/ima5_{m}", alone[f"ima/ima5_{m}"], ima5[m])
-            probability = torch.sigmoid(model.decode(encoded, ima5, torch_memory, torch_valid)["p1"])
-            chained.add(f"decoder/{PROBABILITY}", values[f"decoder/{PROBABILITY}"], probability)
-            if torch_bank is not None:
-                torch_values.update(torch_bank.sources())
-            alone = chain.run_graph("decoder", _step_inputs(manifest, "decoder"), torch_values)
-            isolated.add(f"decoder/{PROBABILITY}", alone[f"decoder/{PROBABILITY}"], probability)
-            if exact is not None:
-                encoded64 = exact.encode(tensor(rgb[index]).double(), tensor(flow[index]).double())
-                ima64 = exact.ima_block5(encoded64.f5) if config.uses_ima else None
-                probability64 = torch.from_numpy(_decode(exact, encoded64, ima64, exact_entries, torch.float64))
-                exact_comparisons.add("pytorch_fp32", probability.double().numpy(), probability64)
-                exact_comparisons.add("onnxruntime", values[f"decoder/{PROBABILITY}"], probability64)
-            if first_query is None:
-                first_query = (encoded, ima5)
-            bar.update()
-        bar.close()
-        validity = _memory_validity(model, chain, manifest, first_query, torch_entries, seed)
+    for slot, index in enumerate(references):
+        entry, expected = (side.admit(slot, rgb[index], flow[index]) for side in (onnxruntime, pytorch))
+        if exact is not None:
+            exact.admit(slot, rgb[index], flow[index])
+        alone = _isolated(onnxruntime.chain, "ifa_memory", _encoder_sources(pytorch.chain, rgb[index], flow[index]))
+        for name in ENTRY_OUTPUTS:
+            chained.add(f"ifa_memory/{name}", entry[name], expected[name])
+            isolated.add(f"ifa_memory/{name}", alone[f"ifa_memory/{name}"], expected[name])
+        bar.update()
+    for index in checked:
+        for side in sides:
+            side.process(rgb[index], flow[index])
+        expected = pytorch.values
+        for name, value in expected.items():
+            if name.startswith(("encoder/", "ima/")) or name == f"decoder/{PROBABILITY}":
+                chained.add(name, onnxruntime.values[name], value)
+        torch_sources = {name: value for name, value in expected.items() if name.startswith(("encoder/", "ima/"))}
+        if config.uses_ima:
+            alone = _isolated(onnxruntime.chain, "ima", torch_sources)
+            for name in alone:
+                isolated.add(name, alone[name], expected[name])
+        if pytorch.bank is not None:
+            torch_sources.update(pytorch.bank.host_sources())
+        alone = _isolated(onnxruntime.chain, "decoder", torch_sources)
+        isolated.add(f"decoder/{PROBABILITY}", alone[f"decoder/{PROBABILITY}"], expected[f"decoder/{PROBABILITY}"])
+        if exact is not None:
+            exact_comparisons.add("pytorch_fp32", pytorch.probability().astype(np.float64), exact.probability())
+            exact_comparisons.add("onnxruntime", onnxruntime.probability(), exact.probability())
+        bar.update()
+    bar.close()
+    first = checked[0]
+    validity = _memory_validity(config, onnxruntime.chain, pytorch, rgb[first], flow[first], model, seed)
+    ort_engine.close()
 
     outputs, isolated_outputs = chained.report(), isolated.report()
-    report = {
+    return {
         "ok": all(o["ok"] for o in [*outputs.values(), *isolated_outputs.values()]) and validity.get("ok", True),
         "outputs": outputs,
         "probability_max_abs": outputs[f"decoder/{PROBABILITY}"]["max_abs"],
@@ -251,11 +198,11 @@ def check_export(
             "memory_validity_max_abs": PROBABILITY_TOLERANCE,
         },
         "directory": str(directory),
-        "form": form,
+        "form": ort_engine.form,
         "config": config.name,
         "size": config.size,
         "memory": config.memory,
-        "weights": weights,
+        "weights": torch_engine.details["weights"],
         "clip": {"name": source.name, "source": source.source, "length": length,
                  "frame_size": list(source.frames[0].shape[:2])},
         "flow": flow_source,
@@ -263,55 +210,36 @@ def check_export(
         "reference_frames": references,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    return report
 
 
-def _float64(model: DPA) -> DPA:
-    """A float64 copy of the model: the exact evaluation of the same network, free of fp32 rounding."""
-    return copy.deepcopy(model).double().eval()
+def _encoder_sources(chain: StageChain, rgb: np.ndarray, flow: np.ndarray) -> dict[str, np.ndarray]:
+    """The encoder outputs of one frame on `chain`, as host pipeline values ("encoder/…")."""
+    step = chain.pipeline.steps[0]
+    return chain.download(chain.run_graph(step.graph, step.inputs, chain.frame_values(rgb, flow)))
 
 
-def _decode(model: DPA, encoded: Encoded, ima5: dict | None, entries: list[dict], dtype: torch.dtype) -> np.ndarray:
-    """PyTorch probability (float64 array) of a query frame with `entries` (all valid; none without IFA) as its
-    memory, computed in `dtype`."""
-    cast = {k: v.to(dtype) for k, v in _encoder_values(encoded).items()}
-    encoded = Encoded(skips=(cast["f1"], cast["f2"], cast["f3"]), f4={m: cast[f"f4_{m}"] for m in MODALITIES},
-                      f5={m: cast[f"f5_{m}"] for m in MODALITIES})
-    ima5 = {m: t.to(dtype) for m, t in ima5.items()} if ima5 is not None else None
-    memory = valid = None
-    if entries:
-        memory = {
-            m: tuple(torch.stack([e[f"{kind}_{m}"] for e in entries], 1).to(dtype) for kind in ("keys", "values"))
-            for m in MODALITIES
-        }
-        valid = torch.ones(1, len(entries), dtype=torch.bool)
-    return torch.sigmoid(model.decode(encoded, ima5, memory, valid)["p1"]).double().numpy()
-
-
-def _memory_validity(
-    model: DPA, chain: StageChain, manifest: dict, query: tuple | None, torch_entries: list[dict], seed: int
-) -> dict:
+def _memory_validity(config, chain: StageChain, pytorch: _Side, rgb: np.ndarray, flow: np.ndarray, model,
+                     seed: int) -> dict:
     """k = 1 … N: the decoder graph with k valid slots among N and garbage in the others.
 
     garbage_effect: against the same bank with zeros instead of garbage — must be exactly 0 (nothing of an
     empty slot reaches the result). max_abs / max_abs_fp64: against PyTorch (fp32 / float64) with those k
     references alone. The decoder graph is fed the PyTorch model's tensors for the query frame.
     """
-    config = model.config
-    if not config.uses_ifa or query is None:
+    if not config.uses_ifa or not pytorch.entries:
         return {}
-    encoded, ima5 = query
-    exact = _float64(model)
+    pytorch.process(rgb, flow)
+    query = {name: value for name, value in pytorch.values.items() if name.startswith(("encoder/", "ima/"))}
+    exact_chain = StageChain(model_engine(model, "cpu", torch.float64, pytorch.chain.manifest))
     rng = np.random.default_rng(seed)
-    inputs = _step_inputs(manifest, "decoder")
     capacity = config.memory
     errors, errors_fp64, effects = {}, {}, {}
     for k in range(1, capacity + 1):
-        chosen = [torch_entries[i % len(torch_entries)] for i in range(k)]
+        chosen = [pytorch.entries[i % len(pytorch.entries)] for i in range(k)]
         slots = list(range(capacity - 1, capacity - 1 - k, -1))  # the last k, in reverse: position is irrelevant
         probabilities = []
         for fill in ("garbage", "zeros"):
-            bank = MemoryBank(manifest)
+            bank = MemoryBank(chain.manifest)
             for array in bank.tensors.values():
                 if fill == "garbage":
                     garbage = rng.standard_normal(array.shape).astype(array.dtype) * 1e3
@@ -320,13 +248,11 @@ def _memory_validity(
                         garbage.reshape(-1)[3::11] = np.inf
                     array[...] = garbage
             for slot, entry in zip(slots, chosen, strict=True):
-                bank.write(slot, {name: t.numpy() for name, t in entry.items()})
-            values = _torch_sources(encoded, ima5)
-            values.update(bank.sources())
-            probabilities.append(chain.run_graph("decoder", inputs, values)[f"decoder/{PROBABILITY}"])
+                bank.write(slot, entry)
+            probabilities.append(_isolated(chain, "decoder", {**query, **bank.sources()})[f"decoder/{PROBABILITY}"])
         actual = probabilities[0].astype(np.float64)
-        errors[str(k)] = float(np.abs(actual - _decode(model, encoded, ima5, chosen, torch.float32)).max())
-        errors_fp64[str(k)] = float(np.abs(actual - _decode(exact, encoded, ima5, chosen, torch.float64)).max())
+        errors[str(k)] = float(np.abs(actual - _decode_alone(pytorch.chain, query, chosen)).max())
+        errors_fp64[str(k)] = float(np.abs(actual - _decode_alone(exact_chain, query, chosen)).max())
         effects[str(k)] = float(np.abs(probabilities[0] - probabilities[1]).max())
     return {
         "max_abs": errors,
@@ -335,6 +261,19 @@ def _memory_validity(
         "garbage": _garbage_kind(config),
         "ok": all(e <= PROBABILITY_TOLERANCE for e in errors.values()) and not any(effects.values()),
     }
+
+
+def _decode_alone(chain: StageChain, query: dict[str, np.ndarray], entries: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """The PyTorch decoder of `chain` (any N: it is PyTorch) with exactly `entries` as its memory, all valid, on
+    the query frame's host values (fp32 PyTorch's, computed in the chain's dtype); the probability as float64."""
+    memory = chain.memory
+    transfer = chain.transfer
+    values: dict[str, Any] = {name: transfer.upload(value) for name, value in query.items()}
+    for bank_name, entry_name in memory.bank.items():
+        values[f"memory/{bank_name}"] = transfer.upload(np.stack([entry[entry_name] for entry in entries], 1))
+    values[f"memory/{memory.valid}"] = transfer.upload(np.ones((1, len(entries)), np.float32))
+    outputs = chain.run_graph("decoder", chain.pipeline.step("decoder").inputs, values)
+    return transfer.download(outputs[f"decoder/{PROBABILITY}"]).astype(np.float64)
 
 
 def _garbage_kind(config) -> str:

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from dpa.cli import command
+from dpa.command import command
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,11 @@ def run_export(args: argparse.Namespace) -> int:
     log.info("model %s, S %d, N %d, weights: %s", config.name, config.size, config.memory,
              weights.path if weights.init == "checkpoint" else f"{weights.init} initialisation, seed {weights.seed}")
     manifest = export_stage_graphs(model, args.out, weights, forms=forms, opset=args.opset, verify=not args.no_verify)
-    for name, graph in manifest["graphs"].items():
-        sizes = ", ".join(f"{file} {size / 2**20:.1f} MiB" for file, size in graph["bytes"].items())
-        nodes = graph["custom_nodes"][manifest["forms"][0]]
+    for name, graph in manifest.graphs.items():
+        sizes = ", ".join(f"{file} {size / 2**20:.1f} MiB" for file, size in graph.details["bytes"].items())
+        nodes = graph.custom_nodes[manifest.forms[0]]
         custom = ", ".join(f"{op} x{count}" for op, count in nodes.items()) or "no custom nodes"
-        print(f"{name:<11} {graph['export_seconds']:6.1f} s  {sizes}  ({custom})")
+        print(f"{name:<11} {graph.details['export_seconds']:6.1f} s  {sizes}  ({custom})")
     print(f"manifest: {Path(args.out) / 'manifest.json'}")
     return 0
 

@@ -14,13 +14,11 @@ file runs in ONNX Runtime on the export's example inputs and is compared with th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,9 +27,11 @@ import onnx
 import torch
 
 from dpa.errors import DpaError
-from dpa.export import functions, graphs, ops
+from dpa.export import functions, ops
 from dpa.export.reference import OP_SPECS, PLUGIN_DOMAIN, PLUGIN_VERSION
-from dpa.runtime.chain import FORMS, MANIFEST_FORMAT, MANIFEST_NAME
+from dpa.manifest import FORMS, MANIFEST_FORMAT, MANIFEST_NAME, Manifest, WeightsRecord
+from dpa.training import stages
+from dpa.training.checkpoint import weights_sha256
 from dpa.training.model import DPA, count_parameters
 
 log = logging.getLogger(__name__)
@@ -41,41 +41,6 @@ PRECISION = "fp32"
 PROBABILITY_TOLERANCE = 1e-4  # SPEC §4.1: max abs error of the probability map, ONNX Runtime vs PyTorch (fp32)
 _EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export", "torch.fx")
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """Where the exported weights came from.
-
-    init: "checkpoint" (a trained checkpoint file), "random" (build_model's seeded initialisation, rebuilt from
-    the seed by `dpa check`) or "calibrated" (that initialisation scale-calibrated, `dpa.export.untrained`,
-    saved next to the graphs as `path`, relative to the export directory).
-    """
-
-    init: str
-    path: str | None = None
-    sha256: str | None = None
-    seed: int | None = None
-    step: int | None = None
-    calibration: str | None = None  # init "calibrated": the frames it was calibrated on
-
-    @property
-    def random_init(self) -> bool:
-        return self.init != "checkpoint"
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "sha256": self.sha256, "random_init": self.random_init, "init": self.init,
-                "seed": self.seed, "step": self.step, "calibration": self.calibration}
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the state dict (names, dtypes, shapes and bytes, in name order): identifies the weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        array = tensor.detach().cpu().contiguous().numpy()
-        digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 def parse_forms(form: str) -> tuple[str, ...]:
@@ -192,9 +157,9 @@ def _synthetic_frame(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def export_stage_graphs(
-    model: DPA, out: str | Path, weights: WeightsSource, forms: tuple[str, ...] = ("functions",),
+    model: DPA, out: str | Path, weights: WeightsRecord, forms: tuple[str, ...] = ("functions",),
     opset: int = DEFAULT_OPSET, verify: bool = True,
-) -> dict:
+) -> Manifest:
     """Write the stage graphs of `model` (at its config's S and N) in `forms` and manifest.json into `out`.
 
     Returns the manifest. Raises DpaError when `out` cannot be written or, with `verify`, when the probability
@@ -210,8 +175,8 @@ def export_stage_graphs(
         raise DpaError(f"cannot write to {out}: {error}; choose another --out") from error
     model = model.eval()
     config = model.config
-    wrappers = graphs.stage_graphs(model)
-    examples = graphs.example_inputs(model, wrappers, *_synthetic_frame(config.size))
+    wrappers = stages.stage_graphs(model)
+    examples = stages.example_inputs(model, wrappers, *_synthetic_frame(config.size))
     weights_hash = weights_sha256(model)
     metadata = {
         "dpa.config": json.dumps(config.to_dict()),
@@ -279,14 +244,15 @@ def export_stage_graphs(
             "ops": {op_type: [a.name for a in spec.attributes] for op_type, spec in OP_SPECS.items()},
         },
         "graphs": entries,
-        "pipeline": graphs.pipeline(config),
+        "pipeline": stages.pipeline(config),
         "export_seconds": round(time.perf_counter() - start_all, 3),
     }
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    log.info("wrote %s graphs and %s in %.1f s", len(entries), out / MANIFEST_NAME, manifest["export_seconds"])
+    manifest = Manifest.from_dict(manifest, where=f"the manifest of {out}")
+    manifest.save(out)
+    log.info("wrote %s graphs and %s in %.1f s", len(entries), out / MANIFEST_NAME, manifest.record["export_seconds"])
     if verify:
         errors = entries["decoder"].get("verification", {}).get("max_abs", {})
-        error = errors.get(graphs.PROBABILITY)
+        error = errors.get(stages.PROBABILITY)
         if error is not None and error > PROBABILITY_TOLERANCE:
             message = (f"decoder probability differs from PyTorch by {error:.2e} > {PROBABILITY_TOLERANCE:g} in ONNX "
                        f"Runtime right after export (the files in {out} are kept)")
@@ -305,7 +271,7 @@ def model_for_export(
     checkpoint: str | None, config_name: str | None, size: int | None, memory: int | None,
     init: str = "random", out: str | Path | None = None, seed: int = 0, width: float | None = None,
     calibration_clip: str | Path | None = None,
-) -> tuple[DPA, WeightsSource]:
+) -> tuple[DPA, WeightsRecord]:
     """The model to export at S = size and N = memory, and where its weights came from.
 
     With a checkpoint its configuration is used (S and N may differ from training: no weight depends on
@@ -328,7 +294,7 @@ def model_for_export(
         if init == "random":
             if calibration_clip is not None:
                 raise DpaError("--calibration-clip goes with --init calibrated")
-            return build_model(config, seed=seed).eval(), WeightsSource("random", seed=seed)
+            return build_model(config, seed=seed).eval(), WeightsRecord("random", seed=seed)
         from dpa.export.untrained import calibrated_model
 
         if out is None:
@@ -336,7 +302,7 @@ def model_for_export(
         model, frames = calibrated_model(config, seed=seed, clip=calibration_clip)
         path = save_checkpoint(Path(out) / UNTRAINED_WEIGHTS, model, config, init="calibrated", seed=seed,
                                calibration=frames)
-        source = WeightsSource("calibrated", path=UNTRAINED_WEIGHTS, sha256=file_sha256(path), seed=seed,
+        source = WeightsRecord("calibrated", path=UNTRAINED_WEIGHTS, sha256=file_sha256(path), seed=seed,
                                calibration=frames)
         return model, source
     if init != "random" or width is not None or calibration_clip is not None:
@@ -357,5 +323,5 @@ def model_for_export(
     model = DPA(config)
     load_state(model, payload["model"], source=payload["path"])
     path = Path(payload["path"]).resolve()
-    source = WeightsSource("checkpoint", path=str(path), sha256=file_sha256(path), step=payload.get("step"))
+    source = WeightsRecord("checkpoint", path=str(path), sha256=file_sha256(path), step=payload.get("step"))
     return model.eval(), source

@@ -5,15 +5,12 @@ Torch-free (numpy, OpenCV, the runtime's pre-processing and DIS flow).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dpa.errors import DpaError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 @dataclass
@@ -25,20 +22,16 @@ class Clip:
     source: str
 
 
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
 def load_clip(path: str | Path) -> Clip:
     """A sequence folder (<path>/JPEGImages/*.jpg, as the DAVIS samples) or a plain folder of images, in name
     order (natural sort). DpaError when there is no image or the frames differ in size."""
-    from dpa.runtime.preprocess import read_rgb
+    from dpa.images import IMAGE_SUFFIXES, list_images, read_rgb
 
     path = Path(path)
     folder = path / "JPEGImages" if (path / "JPEGImages").is_dir() else path
     if not folder.is_dir():
         raise DpaError(f"clip folder {path} not found")
-    images = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+    images = list_images(folder)
     if not images:
         raise DpaError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     frames = [read_rgb(image) for image in images]
@@ -49,8 +42,8 @@ def load_clip(path: str | Path) -> Clip:
 
 
 def synthetic_clip(length: int, size: int, seed: int) -> Clip:
-    """A procedural clip from `dpa.training.synth.generate_clip`: `length` frames of size x size pixels."""
-    from dpa.training.synth import generate_clip
+    """A procedural clip from `dpa.synthetic.generate_clip`: `length` frames of size x size pixels."""
+    from dpa.synthetic import generate_clip
 
     frames, _ = generate_clip(np.random.default_rng(seed), length, size)
     return Clip(f"synthetic-{seed}", frames, f"synthetic (generate_clip, seed {seed}, {length} frames of {size} px)")
@@ -61,13 +54,13 @@ def preprocess_clip(
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], str]:
     """Model inputs of the frames `indices`: (rgb, flow), each index -> (3, S, S) float32, and the flow's source.
 
-    Flow is DIS in the offline direction (forward flow t -> t+1; the last frame -flow(t -> t-1)), rendered and
-    pre-processed exactly as offline inference does.
+    Flow is DIS at the model's input size (`model_flow_estimator`) in the offline direction (forward flow t -> t+1;
+    the last frame -flow(t -> t-1)), rendered and pre-processed exactly as offline inference does.
     """
-    from dpa.runtime.flow import create_flow_estimator, flow_to_rgb, offline_flow
+    from dpa.runtime.flow import flow_to_rgb, model_flow_estimator, offline_flow
     from dpa.runtime.preprocess import preprocess_flow, preprocess_rgb
 
-    estimator = create_flow_estimator("dis")
+    estimator = model_flow_estimator(size)
     rgb = {i: preprocess_rgb(clip.frames[i], size) for i in indices}
     flow = {i: preprocess_flow(flow_to_rgb(offline_flow(clip.frames, i, estimator)), size) for i in indices}
-    return rgb, flow, f"{estimator.name} (offline: forward flow t->t+1; last frame -flow(t->t-1))"
+    return rgb, flow, f"{estimator!r} (offline: forward flow t->t+1; last frame -flow(t->t-1))"

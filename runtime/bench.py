@@ -4,7 +4,7 @@ model; `dpa bench --targets` measures the speed targets as ratios of per-frame t
 Torch-free: the PyTorch timers (`dpa.training.bench_torch`) and the export of benchmark models are imported only
 by the functions that need them.
 
-Every measurement processes the same pre-decoded synthetic clip (`dpa.training.synth.generate_clip`, S x S
+Every measurement processes the same pre-decoded synthetic clip (`dpa.synthetic.generate_clip`, S x S
 frames) with the flow the runtime uses live (DIS, -flow(t->t-1), the first frame zero); stage names are the
 runtime's (`flow` = estimation + rendering the colour image, `pre`, the graphs, `post`). Each repeat runs
 `warmup` untimed frames, then `frames` timed ones; a repeat gives one sample per quantity (seconds per timed
@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from dpa.errors import DpaError
-from dpa.runtime.chain import StageChain, load_manifest
-from dpa.runtime.flow import create_flow_estimator, live_flow
+from dpa.manifest import Manifest
+from dpa.runtime.chain import StageChain
+from dpa.runtime.flow import live_flow, model_flow_estimator
 from dpa.runtime.memory import OfflinePolicy, UniformPolicy
 from dpa.runtime.segmenter import Segmenter
 from dpa.runtime.stats import StageStats
@@ -404,15 +405,16 @@ def open_bench_engine(export_dir: str | Path, precision: str, options: EngineOpt
 
 def bench_clip(size: int, length: int, seed: int) -> list[np.ndarray]:
     """The benchmark clip: `length` uint8 (S, S, 3) RGB frames of `generate_clip` (numpy and OpenCV only)."""
-    from dpa.training.synth import generate_clip
+    from dpa.synthetic import generate_clip
 
     frames, _ = generate_clip(np.random.default_rng(seed), length, size)
     return frames
 
 
-def live_flows(frames: Sequence[np.ndarray], preset: str = "fast") -> list[np.ndarray]:
-    """The live-direction flow field (H, W, 2) float32 of every frame, as the runtime computes it."""
-    estimator = create_flow_estimator("dis", preset=preset)
+def live_flows(frames: Sequence[np.ndarray], size: int, preset: str = "fast") -> list[np.ndarray]:
+    """The live-direction flow field (S, S, 2) float32 of every frame for a model of input size S, as the runtime
+    computes it."""
+    estimator = model_flow_estimator(size, preset)
     return [live_flow(frames[i - 1] if i else None, frame, estimator) for i, frame in enumerate(frames)]
 
 
@@ -452,10 +454,10 @@ def runtime_timer(chain: StageChain, frames: Sequence[np.ndarray], flows: Sequen
     samples = Samples(name, "dpa.runtime Segmenter per frame on pre-decoded frames, cached memory (N references "
                       "primed once): pre-processing + stage graphs + post-processing; flow (DIS live flow + its "
                       "rendering) timed separately", settings.frames, settings.warmup)
-    estimator = create_flow_estimator("dis", preset=settings.flow_preset)
+    estimator = model_flow_estimator(chain.manifest.size, settings.flow_preset)
 
     def repeat(bar) -> None:
-        policy = OfflinePolicy(len(frames), chain.memory["capacity"]) if chain.memory else None
+        policy = OfflinePolicy(len(frames), chain.memory.capacity) if chain.memory else None
         segmenter = Segmenter(chain, policy)
         if policy is not None:
             references = sorted(set(policy.references))
@@ -530,8 +532,8 @@ def segmenter_live_timer(chain: StageChain, frames: Sequence[np.ndarray], settin
     samples = Samples("segmenter_live", "DIS live flow + Segmenter (uniform policy, horizon "
                       f"{settings.horizon}) on the pre-decoded frames of the live loop's source, no GStreamer",
                       settings.frames, warmup)
-    estimator = create_flow_estimator("dis", preset=settings.flow_preset)
-    capacity = chain.memory["capacity"] if chain.memory else None
+    estimator = model_flow_estimator(chain.manifest.size, settings.flow_preset)
+    capacity = chain.memory.capacity if chain.memory else None
     frames = list(frames[: warmup + settings.frames])
 
     def repeat(bar) -> None:
@@ -616,10 +618,10 @@ def bench_export(config_name: str, size: int | None, memory: int | None, width: 
     directory = bench_cache_root(cache_root) / name
     if (directory / "manifest.json").is_file():
         try:
-            manifest = load_manifest(directory)
+            manifest = Manifest.load(directory)
         except DpaError:
             manifest = None
-        if manifest and manifest["model"]["config"] == config.to_dict() and "functions" in manifest["forms"]:
+        if manifest and dict(manifest.model.config) == config.to_dict() and "functions" in manifest.forms:
             log.info("benchmark model %s: reusing %s", name, directory)
             return directory
     log.info("benchmark model %s: exporting %s (calibrated untrained weights) to %s", name, config.name, directory)
@@ -863,7 +865,7 @@ def _check_torch_device(requested: str) -> None:
 def _frame_description(settings: TimingSettings, size: int) -> dict:
     return {"frames": f"generate_clip(seed {settings.seed}), {settings.clip_length} frames of {size}x{size} px, "
                       "pre-decoded",
-            "flow": f"DIS ({settings.flow_preset}) at the frame size, live direction -flow(t->t-1)"}
+            "flow": f"DIS ({settings.flow_preset}) at the model's input size, live direction -flow(t->t-1)"}
 
 
 def run_bench(export_dir: str | Path, settings: TimingSettings, engine_options: EngineOptions | None = None,
@@ -879,20 +881,20 @@ def run_bench(export_dir: str | Path, settings: TimingSettings, engine_options: 
     if baselines:
         _check_torch_device(engine_options.device)
     export_dir = Path(export_dir)
-    manifest = load_manifest(export_dir)
-    frames = bench_clip(manifest["size"], settings.clip_length, settings.seed)
-    flows = live_flows(frames, settings.flow_preset)
+    manifest = Manifest.load(export_dir)
+    frames = bench_clip(manifest.size, settings.clip_length, settings.seed)
+    flows = live_flows(frames, manifest.size, settings.flow_preset)
     with open_bench_engine(export_dir, precision, engine_options, settings.threads) as engine:
         config = {
-            "description": f"{manifest['model']['config']['name']} S={manifest['size']} N={manifest['memory']}, "
+            "description": f"{manifest.config_name} S={manifest.size} N={manifest.memory}, "
                            f"{engine.backend} {engine.precision} on {engine.device}",
-            "model": manifest["model"]["config"], "size": manifest["size"], "memory": manifest["memory"],
-            "export": str(export_dir), "weights": manifest["checkpoint"].get("init"),
+            "model": dict(manifest.model.config), "size": manifest.size, "memory": manifest.memory,
+            "export": str(export_dir), "weights": manifest.checkpoint.init,
             "engine": _engine_json(engine), "timing": settings.to_json(),
-            **_frame_description(settings, manifest["size"]),
+            **_frame_description(settings, manifest.size),
         }
         report = _base_report("bench", config)
-        chain = StageChain(engine.sessions, engine.manifest)
+        chain = StageChain(engine)
         timers = [runtime_timer(chain, frames, flows, settings)]
         if baselines:
             from dpa.training import bench_torch
@@ -925,27 +927,27 @@ def target_models(export: str | Path | None, paper_ii_export: str | Path | None,
     """The paper-iv export (`export`, else exported into the benchmark cache) and a paper-ii export of the same S,
     N and width (`paper_ii_export`, else exported likewise)."""
     if export is not None:
-        manifest = load_manifest(export)
-        config = manifest["model"]["config"]
+        manifest = Manifest.load(export)
+        config = dict(manifest.model.config)
         if not (config["ima"] != "off" and config["ifa"] != "off"):
             raise DpaError(f"--targets measures a model with IMA and IFA (paper-iv); {export} holds {config['name']}")
         width = None if config["width"] == 1.0 else config["width"]
         paper_iv = Path(export)
     else:
         paper_iv = bench_export("paper-iv", size, memory, width, cache_root)
-    iv = load_manifest(paper_iv)
+    iv = Manifest.load(paper_iv)
     if paper_ii_export is not None:
         paper_ii = Path(paper_ii_export)
-        ii = load_manifest(paper_ii)
-        config = ii["model"]["config"]
+        ii = Manifest.load(paper_ii)
+        config = dict(ii.model.config)
         if config["ifa"] != "off" or config["ima"] == "off":
             raise DpaError(f"--paper-ii-export must hold a model with IMA and without IFA; {paper_ii} holds "
                            f"{config['name']}")
-        if (ii["size"], ii["model"]["config"]["width"]) != (iv["size"], iv["model"]["config"]["width"]):
-            raise DpaError(f"--paper-ii-export {paper_ii} has S {ii['size']}, width {config['width']}; the paper-iv "
-                           f"export has S {iv['size']}, width {iv['model']['config']['width']}: they must match")
+        if (ii.size, dict(ii.model.config)["width"]) != (iv.size, dict(iv.model.config)["width"]):
+            raise DpaError(f"--paper-ii-export {paper_ii} has S {ii.size}, width {config['width']}; the paper-iv "
+                           f"export has S {iv.size}, width {iv['model']['config']['width']}: they must match")
     else:
-        paper_ii = bench_export("paper-ii", iv["size"], iv["memory"], width, cache_root)
+        paper_ii = bench_export("paper-ii", iv.size, iv.memory, width, cache_root)
     return TargetModels(paper_iv, paper_ii)
 
 
@@ -997,18 +999,18 @@ def run_targets(models: TargetModels, settings: TimingSettings, engine_options: 
 
     engine_options = engine_options or EngineOptions()
     _check_torch_device(engine_options.device)
-    iv_manifest, ii_manifest = load_manifest(models.paper_iv), load_manifest(models.paper_ii)
-    size = iv_manifest["size"]
+    iv_manifest, ii_manifest = Manifest.load(models.paper_iv), Manifest.load(models.paper_ii)
+    size = iv_manifest.size
     frames = bench_clip(size, settings.clip_length, settings.seed)
-    flows = live_flows(frames, settings.flow_preset)
+    flows = live_flows(frames, size, settings.flow_preset)
     live_length = max(settings.warmup, 1) + settings.frames
     live_source = live_source or synthetic_source_uri(size, live_length, settings.seed)
     config = {
-        "description": f"speed targets, {iv_manifest['model']['config']['name']} S={size} N={iv_manifest['memory']}",
-        "paper_iv": iv_manifest["model"]["config"], "paper_ii": ii_manifest["model"]["config"],
-        "size": size, "memory": iv_manifest["memory"], "precision": "fp32",
+        "description": f"speed targets, {iv_manifest.config_name} S={size} N={iv_manifest.memory}",
+        "paper_iv": dict(iv_manifest.model.config), "paper_ii": dict(ii_manifest.model.config),
+        "size": size, "memory": iv_manifest.memory, "precision": "fp32",
         "exports": {"paper_iv": str(models.paper_iv), "paper_ii": str(models.paper_ii)},
-        "weights": iv_manifest["checkpoint"].get("init"), "timing": settings.to_json(),
+        "weights": iv_manifest.checkpoint.init, "timing": settings.to_json(),
         **_frame_description(settings, size), "live_source": live_source if live else None,
         "schedule": "measurements interleaved: each round runs one repeat of every measurement, rotating the order",
     }
@@ -1035,11 +1037,11 @@ def run_targets(models: TargetModels, settings: TimingSettings, engine_options: 
     with contextlib.ExitStack() as stack:
         engine = stack.enter_context(open_bench_engine(models.paper_iv, "fp32", engine_options, settings.threads))
         config["engine"] = _engine_json(engine)
-        chain = StageChain(engine.sessions, engine.manifest)
+        chain = StageChain(engine)
         device = _torch_device(engine.device, engine_options.device)
         config["pytorch"] = bench_torch.describe(device, settings.threads)
         engine_ii = stack.enter_context(open_bench_engine(models.paper_ii, "fp32", engine_options, settings.threads))
-        chain_ii = StageChain(engine_ii.sessions, engine_ii.manifest)
+        chain_ii = StageChain(engine_ii)
         model, model_ii = bench_torch.model_of_export(models.paper_iv), bench_torch.model_of_export(models.paper_ii)
         timers = [
             runtime_timer(chain, frames, flows, settings),
@@ -1052,7 +1054,7 @@ def run_targets(models: TargetModels, settings: TimingSettings, engine_options: 
             engine_int8 = stack.enter_context(open_bench_engine(models.paper_iv, "int8", engine_options,
                                                                 settings.threads))
             config["engine_int8"] = _engine_json(engine_int8)
-            timers.append(runtime_timer(StageChain(engine_int8.sessions, engine_int8.manifest), frames, flows,
+            timers.append(runtime_timer(StageChain(engine_int8), frames, flows,
                                         settings, name="runtime_int8"))
         if source_frames is not None:
             timers.append(segmenter_live_timer(chain, source_frames, settings))

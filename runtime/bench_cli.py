@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from dpa.cli import command
+from dpa.command import command
 from dpa.runtime.cli import add_engine_arguments
 
 log = logging.getLogger(__name__)

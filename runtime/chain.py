@@ -1,178 +1,61 @@
-"""Chain the stage graphs of an export directory frame by frame, as its manifest's `pipeline` says. Torch-free.
+"""Chain the stage graphs of an engine frame by frame, as its manifest's `pipeline` says. Torch-free.
 
-`StageChain` runs the graphs through any sessions that answer `run(output_names, feed) -> list of arrays`
-(ONNX Runtime's `InferenceSession`, or a runtime engine with the same call); `MemoryBank` is the fixed-
-capacity IFA memory with its validity mask, preallocated from the manifest's shapes. Which frames enter the
-memory (the admission policy) is the caller's choice; `dpa check` uses the paper's offline sampling, the
-runtime its live policies.
-
-Values are named by their pipeline source: "frame/rgb", "<graph>/<output>", "memory/<bank tensor>".
+Values are named by their pipeline source: "frame/rgb", "<graph>/<output>", "memory/<bank tensor>". Between the
+graphs they stay the engine's own tensors (`Runner.run_resident`): device memory on a GPU backend, so a frame
+crosses to the device once (its rgb and flow) and back once (the probability map). Which frames enter the memory
+bank (the admission policy) is the caller's choice: `dpa check` and offline inference use the paper's offline
+sampling, the runtime its live policies (`dpa.runtime.memory`).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 
-from dpa.errors import DpaError, require_module
-
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "dpa-stage-graphs/1"
-FORMS = ("functions", "plugin", "portable")
-RUNNABLE_IN_ONNXRUNTIME = ("functions", "portable")
-
-
-class Session(Protocol):
-    """What the chain needs of an inference session (ONNX Runtime's InferenceSession has it)."""
-
-    def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]: ...
-
-
-def load_manifest(directory: str | Path) -> dict:
-    """The manifest of an export directory; DpaError when it is missing or not a DPA stage-graph manifest."""
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        raise DpaError(f"{path} not found: is {directory} a `dpa export` output directory?")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise DpaError(f"cannot read {path}: {error}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise DpaError(f"{path} is not a {MANIFEST_FORMAT} manifest; re-export with `dpa export`")
-    return manifest
-
-
-def graph_file(directory: str | Path, manifest: dict, graph: str, form: str) -> Path:
-    """The file of `graph` in `form`; DpaError when that form was not exported or the file is missing."""
-    files = manifest["graphs"][graph]["files"]
-    if form not in files:
-        raise DpaError(f"form {form!r} was not exported to {directory} (exported: {', '.join(files)}); "
-                       f"re-export with --form {form} or --form all")
-    path = Path(directory) / files[form]
-    if not path.is_file():
-        raise DpaError(f"{path} is missing: the export directory is incomplete; re-export")
-    return path
-
-
-def onnxruntime_sessions(
-    directory: str | Path, manifest: dict | None = None, form: str | None = None, threads: int | None = None,
-    providers: tuple[str, ...] = ("CPUExecutionProvider",),
-) -> tuple[dict[str, Session], str]:
-    """ONNX Runtime sessions for every graph of an export directory -> (graph -> session, the form used).
-
-    form None: `functions` when exported, else `portable`. The `plugin` form needs TensorRT's plugins and
-    cannot run here. threads: intra-op threads (None: ONNX Runtime's default).
-    """
-    ort = require_module("onnxruntime", "onnxruntime", "running the stage graphs in ONNX Runtime")
-    manifest = manifest or load_manifest(directory)
-    if form is None:
-        exported = manifest["forms"]
-        runnable = [f for f in RUNNABLE_IN_ONNXRUNTIME if f in exported]
-        if not runnable:
-            raise DpaError(f"{directory} holds only the {', '.join(exported)} form, which ONNX Runtime cannot run "
-                           "(custom nodes without function bodies); re-export with --form functions or portable")
-        form = runnable[0]
-    if form not in RUNNABLE_IN_ONNXRUNTIME:
-        raise DpaError(f"ONNX Runtime cannot run the {form!r} form (its custom nodes are TensorRT plugins); "
-                       f"use one of {', '.join(RUNNABLE_IN_ONNXRUNTIME)}")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    sessions = {
-        name: ort.InferenceSession(str(graph_file(directory, manifest, name, form)), options, providers=list(providers))
-        for name in manifest["graphs"]
-    }
-    return sessions, form
-
-
-def _numpy_dtype(name: str) -> np.dtype:
-    return np.dtype({"float32": np.float32, "float16": np.float16}.get(name, name))
-
-
-class MemoryBank:
-    """The IFA memory: per bank tensor a preallocated (1, N, T, D) array, and the validity mask (1, N).
-
-    Slots are written with a frame's entry (the memory graph's outputs) and cleared by setting their
-    validity to 0; a cleared slot's old contents stay and are ignored exactly by the decoder.
-    """
-
-    def __init__(self, manifest: dict):
-        memory = manifest["pipeline"].get("memory")
-        if not memory:
-            raise DpaError(f"config {manifest['model']['config']['name']} has no IFA: it has no memory bank")
-        decoder = {tensor["name"]: tensor for tensor in manifest["graphs"]["decoder"]["inputs"]}
-        self.capacity: int = memory["capacity"]
-        self.bank_to_entry: dict[str, str] = dict(memory["bank"])
-        self.valid_name: str = memory["valid"]
-        self.tensors = {
-            name: np.zeros(decoder[name]["shape"], _numpy_dtype(decoder[name]["dtype"])) for name in self.bank_to_entry
-        }
-        self.valid = np.zeros(decoder[self.valid_name]["shape"], _numpy_dtype(decoder[self.valid_name]["dtype"]))
-
-    @property
-    def count(self) -> int:
-        """Number of valid slots."""
-        return int(np.count_nonzero(self.valid))
-
-    def write(self, slot: int, entry: Mapping[str, np.ndarray]) -> None:
-        """Store a frame's entry (entry output name -> (1, T, D)) in `slot` and mark it valid."""
-        if not 0 <= slot < self.capacity:
-            raise IndexError(f"slot {slot} outside a memory of {self.capacity} slots")
-        for bank_name, entry_name in self.bank_to_entry.items():
-            self.tensors[bank_name][:, slot] = entry[entry_name]
-        self.valid[:, slot] = 1
-
-    def clear(self, slot: int | None = None) -> None:
-        """Mark one slot (or every slot) empty."""
-        if slot is None:
-            self.valid[:] = 0
-        else:
-            self.valid[:, slot] = 0
-
-    def sources(self) -> dict[str, np.ndarray]:
-        """The bank as pipeline values: "memory/<bank tensor>" and "memory/<valid>"."""
-        values = {f"memory/{name}": array for name, array in self.tensors.items()}
-        values[f"memory/{self.valid_name}"] = self.valid
-        return values
+from dpa.errors import DpaError
+from dpa.manifest import TensorSpec
+from dpa.runtime.engine import Engine
+from dpa.runtime.memory import MemoryBank
 
 
 class StageChain:
-    """Runs a manifest's graphs in pipeline order through `sessions` (graph name -> session)."""
+    """Runs an engine's graphs in pipeline order."""
 
-    def __init__(self, sessions: Mapping[str, Session], manifest: dict):
-        missing = sorted(set(manifest["graphs"]) - set(sessions))
+    def __init__(self, engine: Engine):
+        manifest = engine.manifest
+        missing = sorted(set(manifest.graphs) - set(engine.runners))
         if missing:
-            raise DpaError(f"no session for graphs {missing}")
-        self.sessions = sessions
+            raise DpaError(f"no runner for graphs {missing}")
+        self.engine = engine
+        self.runners = engine.runners
         self.manifest = manifest
-        self.pipeline = manifest["pipeline"]
-        self.memory = self.pipeline.get("memory")
-        self._inputs = {name: graph["inputs"] for name, graph in manifest["graphs"].items()}
-        self._outputs = {
-            name: [tensor["name"] for tensor in graph["outputs"]] for name, graph in manifest["graphs"].items()
-        }
+        self.transfer = engine.transfer
+        self.pipeline = manifest.pipeline
+        self.memory = manifest.pipeline.memory
         self.seconds: dict[str, float] = {}  # graph -> wall seconds of its runs since `reset_seconds`
+        self._frame_specs = {source.split("/", 1)[1]: manifest.graphs[step.graph].input(name)
+                             for step in self.pipeline.steps for name, source in step.inputs.items()
+                             if source.startswith("frame/")}
 
-    def run_graph(
-        self, graph: str, sources: Mapping[str, str], values: Mapping[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """Run `graph` with each input taken from values[sources[input]]; returns {"graph/output": array}."""
+    def run_graph(self, graph: str, sources: Mapping[str, str], values: Mapping[str, Any]) -> dict[str, Any]:
+        """Run `graph` with each input taken from values[sources[input]] (the engine's tensors, or host arrays,
+        which are conformed to the manifest's shape and dtype); returns {"graph/output": tensor}."""
+        spec = self.manifest.graphs[graph]
         feed = {}
-        for tensor in self._inputs[graph]:
-            source = sources[tensor["name"]]
+        for tensor in spec.inputs:
+            source = sources[tensor.name]
             if source not in values:
-                raise DpaError(f"graph {graph} input {tensor['name']} needs {source}, which is not computed yet")
-            feed[tensor["name"]] = _conform(values[source], tensor, f"{graph}/{tensor['name']}")
+                raise DpaError(f"graph {graph} input {tensor.name} needs {source}, which is not computed yet")
+            value = values[source]
+            feed[tensor.name] = conform(value, tensor, f"{graph}/{tensor.name}") if isinstance(value, np.ndarray) \
+                else value
         started = time.perf_counter()
-        outputs = self.sessions[graph].run(self._outputs[graph], feed)
+        outputs = self.runners[graph].run_resident(feed)
         self.seconds[graph] = self.seconds.get(graph, 0.0) + time.perf_counter() - started
-        return {f"{graph}/{name}": array for name, array in zip(self._outputs[graph], outputs, strict=True)}
+        return {f"{graph}/{name}": outputs[name] for name in spec.output_names}
 
     def reset_seconds(self) -> dict[str, float]:
         """The per-graph seconds accumulated since the last call (graph -> seconds), then start again from zero."""
@@ -180,60 +63,66 @@ class StageChain:
         return seconds
 
     def frame_values(self, rgb: np.ndarray, flow: np.ndarray) -> dict[str, np.ndarray]:
-        """The pipeline's frame inputs: rgb, flow (3, S, S) or (1, 3, S, S) float32 pre-processed."""
-        return {"frame/rgb": rgb, "frame/flow": flow}
+        """The pipeline's frame inputs from rgb, flow (3, S, S) or (1, 3, S, S) float32 pre-processed, shaped and
+        typed as the graph that reads them takes them (host arrays: each runner copies them in)."""
+        return {f"frame/{name}": conform(array, self._frame_specs[name], f"frame/{name}")
+                for name, array in (("rgb", rgb), ("flow", flow))}
 
-    def memory_entry(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A frame's memory entry (entry output name -> (1, T, D)), running the steps it depends on first.
+    def memory_entry(self, values: dict[str, Any]) -> dict[str, Any]:
+        """A frame's memory entry (entry output name -> (1, T, D) tensor), running the steps it depends on first.
 
         `values` (the frame's values so far) is updated with everything computed.
         """
         if not self.memory:
             raise DpaError("this configuration has no IFA memory")
-        needed = set(self.memory["inputs"].values())
-        for step in self.pipeline["steps"]:
-            if needed <= values.keys():
+        needed = set(self.memory.inputs.values())
+        for step in self.pipeline.steps:
+            if needed <= values.keys() or step.reads_memory:
                 break
-            if any(source.startswith("memory/") for source in step["inputs"].values()):
-                break
-            values.update(self.run_graph(step["graph"], step["inputs"], values))
-        graph = self.memory["graph"]
-        outputs = self.run_graph(graph, self.memory["inputs"], values)
+            values.update(self.run_graph(step.graph, step.inputs, values))
+        outputs = self.run_graph(self.memory.graph, self.memory.inputs, values)
         values.update(outputs)
-        return {name.split("/", 1)[1]: array for name, array in outputs.items()}
+        return {name.split("/", 1)[1]: tensor for name, tensor in outputs.items()}
 
-    def process(self, rgb: np.ndarray, flow: np.ndarray, bank: MemoryBank | None = None) -> dict[str, np.ndarray]:
+    def new_bank(self) -> MemoryBank:
+        """An empty memory bank for this chain's graphs, its tensors on the engine's device."""
+        return MemoryBank(self.manifest, self.transfer)
+
+    def process(self, rgb: np.ndarray, flow: np.ndarray, bank: MemoryBank | None = None) -> dict[str, Any]:
         """Run every step for one frame against the memory bank; returns all values by source name.
 
-        The probability map is values[pipeline["output"]] (1, 1, S, S). An empty (or absent) bank uses the
-        current frame as its only reference (`empty_bank: current_frame`), like the PyTorch model.
+        The probability map is `probability(values)`. An empty (or absent) bank uses the current frame as its only
+        reference (`empty_bank: current_frame`), like the PyTorch model.
         """
-        values = self.frame_values(rgb, flow)
-        for step in self.pipeline["steps"]:
-            if self.memory and any(source.startswith("memory/") for source in step["inputs"].values()):
+        values: dict[str, Any] = self.frame_values(rgb, flow)
+        for step in self.pipeline.steps:
+            if self.memory and step.reads_memory:
                 if bank is None or bank.count == 0:
-                    if self.memory.get("empty_bank") != "current_frame":
+                    if self.memory.empty_bank != "current_frame":
                         raise DpaError("the memory bank is empty and the pipeline names no empty-bank policy")
-                    own = MemoryBank(self.manifest)
+                    own = self.new_bank()
                     own.write(0, self.memory_entry(values))
                     values.update(own.sources())
                 else:
                     values.update(bank.sources())
-            if not all(f"{step['graph']}/{name}" in values for name in self._outputs[step["graph"]]):
-                values.update(self.run_graph(step["graph"], step["inputs"], values))
+            if not all(f"{step.graph}/{name}" in values for name in self.manifest.graphs[step.graph].output_names):
+                values.update(self.run_graph(step.graph, step.inputs, values))
         return values
 
-    def probability(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The (S, S) foreground probability of a processed frame."""
-        return values[self.pipeline["output"]][0, 0]
+    def probability(self, values: Mapping[str, Any]) -> np.ndarray:
+        """The (S, S) foreground probability of a processed frame (the one tensor that comes back to the host)."""
+        return self.transfer.download(values[self.pipeline.output])[0, 0]
+
+    def download(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Every value as a host array (for `dpa compare`, which looks at each intermediate tensor)."""
+        return {name: self.transfer.download(value) for name, value in values.items()}
 
 
-def _conform(array: np.ndarray, tensor: dict, label: str) -> np.ndarray:
+def conform(array: np.ndarray, tensor: TensorSpec, label: str) -> np.ndarray:
     """array as the contiguous, exactly shaped and typed feed that `tensor` (a manifest entry) declares."""
     array = np.asarray(array)
-    shape = tuple(tensor["shape"])
-    if array.shape != shape:
-        if array.size != int(np.prod(shape)):
-            raise DpaError(f"{label}: got shape {array.shape}, the graph needs {shape}")
-        array = array.reshape(shape)
-    return np.ascontiguousarray(array, dtype=_numpy_dtype(tensor["dtype"]))
+    if array.shape != tensor.shape:
+        if array.size != int(np.prod(tensor.shape)):
+            raise DpaError(f"{label}: got shape {array.shape}, the graph needs {tensor.shape}")
+        array = array.reshape(tensor.shape)
+    return np.ascontiguousarray(array, dtype=tensor.numpy_dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from dpa.cli import command
+from dpa.command import command
 
 # The same values as dpa.runtime.engines.BACKENDS (+ auto) and PRECISIONS, written out so that building the
 # parser imports nothing heavy; tests/runtime/test_engines.py checks that they agree.
@@ -42,7 +42,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_from_args(export_dir: str | os.PathLike, args: argparse.Namespace):
-    """Open the engine that the options of add_engine_arguments ask for -> dpa.runtime.engines.Engine."""
+    """Open the engine that the options of add_engine_arguments ask for -> dpa.runtime.engine.Engine."""
     from dpa.errors import DpaError
     from dpa.runtime.engines import open_engine
 
@@ -67,7 +67,7 @@ def _build_arguments(parser: argparse.ArgumentParser) -> None:
 @command("build", "build TensorRT plans (or ONNX Runtime sessions) for an export and check them on zero inputs",
          arguments=_build_arguments)
 def run_build(args: argparse.Namespace) -> int:
-    from dpa.runtime.engines import check_engine
+    from dpa.runtime.engine import check_engine
 
     with engine_from_args(args.directory, args) as engine:
         check_seconds = check_engine(engine)
@@ -104,7 +104,8 @@ def _stream_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flow-preset", choices=("ultrafast", "fast", "medium"), default="fast",
                        help="DIS optical flow preset (default fast)")
     group.add_argument("--flow-size", type=int, metavar="PIXELS",
-                       help="compute DIS flow at PIXELS x PIXELS and scale it back (default: the frame's size)")
+                       help="compute DIS flow on the frames resized to PIXELS x PIXELS (default: the model's input "
+                       "size S, as in training; 0: the frame's own size, ~200 ms at 854x480)")
     output = parser.add_argument_group("output")
     output.add_argument("--masks", metavar="DIR", help="also write a mask PNG (0/255) per frame, named by frame")
     output.add_argument("--stats-json", metavar="OUT", help="write the run's statistics (fps, per-stage ms, dropped "
@@ -145,7 +146,7 @@ def run_stream(args: argparse.Namespace) -> int:
 
     settings = _settings(args, args.source, args.sink)
     with engine_from_args(args.export, args) as engine:
-        runner = StreamRunner(StageChain(engine.sessions, engine.manifest), settings, engine.describe(), say=print)
+        runner = StreamRunner(StageChain(engine), settings, engine.describe(), say=print)
         print(f"{args.source} -> {args.sink}: {engine.backend} ({engine.device}, {engine.precision}), "
               f"{runner.policy_name} memory, flow {runner.flow_direction}")
         outcome = runner.run()

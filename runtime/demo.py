@@ -36,13 +36,11 @@ def ensure_export(checkpoint: Path, directory: Path, say=print) -> tuple[Path, b
 
     Returns (directory, whether it was exported now). Exporting needs the training extra (PyTorch).
     """
-    from dpa.runtime.chain import MANIFEST_NAME, load_manifest
+    from dpa.manifest import MANIFEST_NAME, Manifest
 
     digest = file_sha256(checkpoint)
-    if (directory / MANIFEST_NAME).is_file():
-        manifest = load_manifest(directory)
-        if (manifest.get("checkpoint") or {}).get("sha256") == digest:
-            return directory, False
+    if (directory / MANIFEST_NAME).is_file() and Manifest.load(directory).checkpoint.sha256 == digest:
+        return directory, False
     say(f"exporting {checkpoint} to {directory} (once; later runs reuse it)")
     try:
         import torch  # noqa: F401  (a clear message below when the training extra is missing)
@@ -66,7 +64,7 @@ class SyntheticTruth:
     def of(cls, source: str) -> SyntheticTruth | None:
         """The masks of a synthetic source URI, or None for any other source."""
         from dpa.runtime.video import parse_source
-        from dpa.training.synth import generate_clip
+        from dpa.synthetic import generate_clip
 
         spec = parse_source(source)
         if spec.kind != "synthetic":
@@ -120,7 +118,7 @@ def run_demo(out: Path, checkpoint: str = "tiny", source: str = DEFAULT_SOURCE, 
         stale.unlink()
     say(f"running {source} on {engine.backend} ({engine.device}, {engine.precision}) -> {settings.sink}")
     with engine:
-        outcome = StreamRunner(StageChain(engine.sessions, engine.manifest), settings, engine.describe(),
+        outcome = StreamRunner(StageChain(engine), settings, engine.describe(),
                                say=say).run()
     report = {"checkpoint": str(checkpoint), "export": str(export), "exported_now": exported_now,
               "source": source, **outcome.summary}

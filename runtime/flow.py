@@ -8,6 +8,12 @@ through it. Which frame pair a frame's flow comes from (SPEC §4.3):
   t→t+1; the last frame, having no successor, uses the negated backward flow −flow(t→t−1).
 - `live_flow` — live streams, which cannot look ahead: −flow(t→t−1), anchored on frame t; the first
   frame gets zero flow.
+
+At which resolution (SPEC §3, one definition for training data, offline inference and the runtime): a model of
+input size S sees `model_flow_estimator(S)`, DIS on the two frames resized to S×S. The field stays on that S×S
+grid, its vectors measured in pixels of the frames (so directions are those of the frames, as when the flow is
+computed at full resolution), and is rendered there: at 854×480, DIS costs ~200 ms and the rendering ~20 ms,
+at 224×224 about 2 and 3 ms.
 """
 
 from __future__ import annotations
@@ -104,8 +110,9 @@ def flow_to_rgb(flow: np.ndarray) -> np.ndarray:
 class FlowEstimator(Protocol):
     """Dense optical flow between two frames of the same size.
 
-    `estimator(frame_from, frame_to)`: uint8 (H, W, 3) RGB frames → float32 (H, W, 2) flow from→to in
-    pixels of the frames: frame_from at (x, y) moves to (x + u, y + v) in frame_to.
+    `estimator(frame_from, frame_to)`: uint8 (H, W, 3) RGB frames → float32 (h, w, 2) flow from→to in
+    pixels of the frames: frame_from at (x, y) moves to (x + u, y + v) in frame_to. (h, w) is the estimator's
+    working grid: the frames' own (H, W) unless it works at another size.
     """
 
     name: str
@@ -124,8 +131,9 @@ class DISFlow:
     """OpenCV's Dense Inverse Search flow on the grayscale frames (SPEC §4.3's default estimator).
 
     preset: "ultrafast", "fast" (default) or "medium" (slower, smoother).
-    size: working resolution, None (the frames' own), an int S (S×S) or (width, height); the flow is
-    computed there, resized back bilinearly and its vectors rescaled to the frames' pixels.
+    size: working resolution, None (the frames' own), an int S (S×S) or (width, height). The frames are
+    resized there (area interpolation) and the flow is returned on that grid, its vectors rescaled to pixels
+    of the frames.
     One instance holds one OpenCV object: not for concurrent use from several threads.
     """
 
@@ -156,8 +164,7 @@ class DISFlow:
         work_width, work_height = self.size
         gray_from = cv2.resize(gray_from, self.size, interpolation=cv2.INTER_AREA)
         gray_to = cv2.resize(gray_to, self.size, interpolation=cv2.INTER_AREA)
-        flow = cv2.resize(self._dis.calc(gray_from, gray_to, None), (width, height),
-                          interpolation=cv2.INTER_LINEAR)
+        flow = self._dis.calc(gray_from, gray_to, None)
         flow[..., 0] *= width / work_width
         flow[..., 1] *= height / work_height
         return flow
@@ -167,6 +174,14 @@ def _to_gray(frame: np.ndarray) -> np.ndarray:
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
         raise ValueError(f"frames must be uint8 (H, W, 3) RGB, got {frame.dtype} {frame.shape}")
     return cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+
+
+DEFAULT_PRESET = "fast"
+
+
+def model_flow_estimator(size: int, preset: str = DEFAULT_PRESET) -> DISFlow:
+    """The flow a model of input size S sees (module doc): DIS on the frames resized to S×S."""
+    return DISFlow(preset, size=size)
 
 
 # Estimators the torch-free runtime has; `dpa flow` adds RAFT on the training side where torchvision is.
@@ -183,9 +198,12 @@ def create_flow_estimator(name: str, **options) -> FlowEstimator:
         raise DpaError(f"bad options for flow estimator {name!r}: {error}") from error
 
 
-def zero_flow(frame: np.ndarray) -> np.ndarray:
-    """(H, W, 2) float32 zeros for a frame with no neighbour (renders white)."""
-    return np.zeros((*frame.shape[:2], 2), np.float32)
+def zero_flow(frame: np.ndarray, estimator: FlowEstimator | None = None) -> np.ndarray:
+    """Float32 zeros for a frame with no neighbour (renders white), on the estimator's working grid when it has
+    one (`DISFlow.size`), else (H, W, 2) of the frame."""
+    grid = getattr(estimator, "size", None)
+    shape = (grid[1], grid[0]) if grid else frame.shape[:2]
+    return np.zeros((*shape, 2), np.float32)
 
 
 def offline_flow(frames: Sequence[np.ndarray], index: int, estimator: FlowEstimator) -> np.ndarray:
@@ -202,7 +220,7 @@ def offline_flow(frames: Sequence[np.ndarray], index: int, estimator: FlowEstima
         return estimator(frames[index], frames[index + 1])
     if index > 0:
         return -estimator(frames[index], frames[index - 1])
-    return zero_flow(frames[index])
+    return zero_flow(frames[index], estimator)
 
 
 def live_flow(previous: np.ndarray | None, current: np.ndarray, estimator: FlowEstimator) -> np.ndarray:
@@ -212,5 +230,5 @@ def live_flow(previous: np.ndarray | None, current: np.ndarray, estimator: FlowE
     the forward flow the model was trained on. Returns (H, W, 2) float32.
     """
     if previous is None:
-        return zero_flow(current)
+        return zero_flow(current, estimator)
     return -estimator(current, previous)

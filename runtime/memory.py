@@ -1,34 +1,85 @@
-"""Which frames enter the IFA memory bank: the offline (paper) and live (uniform over a horizon) policies.
+"""The IFA memory: the bank (fixed capacity N, preallocated tensors, validity mask) and the policies that decide
+which frames enter it, offline (the paper's sampling) and live (uniform over a horizon). Torch-free.
 
-Torch-free. The bank itself (fixed capacity N, preallocated tensors, validity mask) is
-`dpa.runtime.chain.MemoryBank`; a policy only decides, frame by frame, whether the frame just processed
-is admitted and into which slot. An empty bank makes the chain use the current frame as its own
-reference (SPEC §4.3), so no policy has to special-case the first frame.
+A policy only decides, frame by frame, whether the frame just processed is admitted and into which slot. An
+empty bank makes the chain use the current frame as its own reference (SPEC §4.3), so no policy has to
+special-case the first frame.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from dpa.errors import DpaError
+from dpa.manifest import Manifest
+from dpa.runtime.engine import HOST, Transfer
+from dpa.sampling import frames_for_references
 
 POLICIES = ("uniform", "offline")
 
 
-def frames_for_references(length: int, memory: int) -> list[int]:
-    """The paper's reference sampling over a video of `length` frames: k_i = floor(i (L-1) / (N-1)).
+class MemoryBank:
+    """The IFA memory: per bank tensor a preallocated (1, N, T, D) array, and the validity mask (1, N).
 
-    Returns N frame indices, slot i holding frame k_i (repeats when L < N, as in the paper's code).
+    Slots are written with a frame's entry (the memory graph's outputs) and cleared by setting their validity to 0;
+    a cleared slot's old contents stay and are ignored exactly by the decoder. The bank is kept in host memory
+    (`tensors`, `valid`) and, through `transfer`, as the engine's own tensors: they are uploaded again only after
+    the bank changed (an admission), so a frame that only reads the memory moves none of it.
     """
-    if length < 1 or memory < 1:
-        raise ValueError(f"need a video of at least one frame and a memory of at least one slot, "
-                         f"got length {length}, memory {memory}")
-    if memory == 1:
-        return [0]
-    return [math.floor(i * (length - 1) / (memory - 1)) for i in range(memory)]
+
+    def __init__(self, manifest: Manifest, transfer: Transfer = HOST):
+        memory = manifest.pipeline.memory
+        if memory is None:
+            raise DpaError(f"config {manifest.config_name} has no IFA: it has no memory bank")
+        decoder = {tensor.name: tensor for tensor in manifest.graphs["decoder"].inputs}
+        self.capacity: int = memory.capacity
+        self.bank_to_entry: dict[str, str] = dict(memory.bank)
+        self.valid_name: str = memory.valid
+        # An engine computing in another floating type (a float64 reference) keeps its entries in that type.
+        dtype = getattr(transfer, "host_dtype", None)
+        self.tensors = {name: np.zeros(decoder[name].shape, dtype or decoder[name].numpy_dtype)
+                        for name in self.bank_to_entry}
+        self.valid = np.zeros(decoder[self.valid_name].shape, decoder[self.valid_name].numpy_dtype)
+        self.transfer = transfer
+        self._resident: dict[str, Any] | None = None
+
+    @property
+    def count(self) -> int:
+        """Number of valid slots."""
+        return int(np.count_nonzero(self.valid))
+
+    def write(self, slot: int, entry: Mapping[str, Any]) -> None:
+        """Store a frame's entry (entry output name -> (1, T, D), host array or engine tensor) in `slot` and mark it
+        valid."""
+        if not 0 <= slot < self.capacity:
+            raise IndexError(f"slot {slot} outside a memory of {self.capacity} slots")
+        for bank_name, entry_name in self.bank_to_entry.items():
+            self.tensors[bank_name][:, slot] = self.transfer.download(entry[entry_name])
+        self.valid[:, slot] = 1
+        self._resident = None
+
+    def clear(self, slot: int | None = None) -> None:
+        """Mark one slot (or every slot) empty."""
+        if slot is None:
+            self.valid[:] = 0
+        else:
+            self.valid[:, slot] = 0
+        self._resident = None
+
+    def host_sources(self) -> dict[str, np.ndarray]:
+        """The bank as pipeline values, "memory/<bank tensor>" and "memory/<valid>", as host arrays."""
+        return {f"memory/{name}": array for name, array in {**self.tensors, self.valid_name: self.valid}.items()}
+
+    def sources(self) -> dict[str, Any]:
+        """The bank as pipeline values in the engine's memory (uploaded again only after a change)."""
+        if self._resident is None:
+            self._resident = {name: self.transfer.upload(array) for name, array in self.host_sources().items()}
+        return self._resident
 
 
 def mask_confidence(probability: np.ndarray) -> float:

@@ -7,13 +7,10 @@ aligned, no anti-aliasing), so every consumer gets the same numbers.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 
 from dpa.constants import IMAGENET_MEAN, IMAGENET_STD
-from dpa.errors import DpaError
 
 MASK_THRESHOLD = 0.5  # foreground where the probability is strictly above this
 
@@ -63,21 +60,3 @@ def postprocess_probability(
     if probability.shape != (height, width):
         probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
     return probability, probability > MASK_THRESHOLD
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 (H, W, 3) RGB; DpaError naming the file when it cannot be decoded."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        if not Path(path).is_file():
-            raise DpaError(f"image not found: {path}")
-        raise DpaError(f"cannot decode image {path} (corrupt or not an image)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def write_rgb(path: str | Path, image: np.ndarray, jpeg_quality: int = 95) -> None:
-    """Write a uint8 (H, W, 3) RGB image; the format follows the suffix (.jpg at `jpeg_quality`, .png)."""
-    is_jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
-    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if is_jpeg else []
-    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params):
-        raise DpaError(f"cannot write image {path}; check that the folder exists and is writable")

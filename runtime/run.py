@@ -24,7 +24,7 @@ import numpy as np
 
 from dpa.errors import DpaError
 from dpa.runtime.chain import StageChain
-from dpa.runtime.flow import create_flow_estimator, live_flow, offline_flow
+from dpa.runtime.flow import DISFlow, live_flow, model_flow_estimator, offline_flow
 from dpa.runtime.memory import OfflinePolicy, UniformPolicy
 from dpa.runtime.overlay import draw_overlay
 from dpa.runtime.segmenter import FrameResult, Segmenter
@@ -49,7 +49,7 @@ class RunSettings:
     horizon: int = 32  # uniform policy: frames the memory spans
     min_confidence: float | None = None  # uniform policy: admission gate on mask confidence
     flow_preset: str = "fast"
-    flow_size: int | None = None  # DIS working size; None: the frame's own
+    flow_size: int | None = None  # DIS working size; None: the model's input size S; 0: the frame's own
     masks: str | None = None  # folder for mask PNGs
     stats_json: str | None = None
     stats_interval: float = 5.0  # seconds between console lines; 0: none
@@ -143,7 +143,7 @@ def choose_policy(settings: RunSettings, live: bool) -> str:
 
 
 def _slots(chain: StageChain, settings: RunSettings) -> int:
-    capacity = chain.memory["capacity"]
+    capacity = chain.memory.capacity
     slots = settings.memory or capacity
     if not 1 <= slots <= capacity:
         raise DpaError(f"--memory {slots}: the graphs hold at most {capacity} reference frames (re-export with "
@@ -164,7 +164,10 @@ class StreamRunner:
         self.engine_info = engine_info or {}
         self.keep_results = keep_results
         self.say = say or log.info
-        self.estimator = create_flow_estimator("dis", preset=settings.flow_preset, size=settings.flow_size)
+        if settings.flow_size == 0:
+            self.estimator = DISFlow(settings.flow_preset)
+        else:
+            self.estimator = model_flow_estimator(settings.flow_size or chain.manifest.size, settings.flow_preset)
         self.stats = StageStats()
         self.source_spec = video.parse_source(settings.source)
         self.live = self.source_spec.live
@@ -256,7 +259,7 @@ class StreamRunner:
                     break
         if length == 0:
             raise DpaError(f"{self.settings.source} has no frames")
-        capacity = self.chain.memory["capacity"]
+        capacity = self.chain.memory.capacity
         slots = _slots(self.chain, self.settings)
         self.offline_policy = OfflinePolicy(length, capacity)
         if slots < capacity:

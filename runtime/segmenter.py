@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dpa.errors import DpaError
-from dpa.runtime.chain import MemoryBank, StageChain
+from dpa.runtime.chain import StageChain
 from dpa.runtime.flow import flow_to_rgb
 from dpa.runtime.memory import OfflinePolicy, UniformPolicy, mask_confidence
 from dpa.runtime.preprocess import postprocess_probability, preprocess_flow, preprocess_rgb
@@ -50,10 +50,10 @@ class Segmenter:
 
     def __init__(self, chain: StageChain, policy: UniformPolicy | OfflinePolicy | None, keep_values: bool = False):
         self.chain = chain
-        self.size: int = chain.manifest["size"]
+        self.size: int = chain.manifest.size
         self.policy = policy
         self.keep_values = keep_values
-        self.bank = MemoryBank(chain.manifest) if chain.memory else None
+        self.bank = chain.new_bank() if chain.memory else None
         if self.bank is not None and policy is not None and policy.capacity > self.bank.capacity:
             raise DpaError(f"memory policy capacity {policy.capacity} exceeds the graphs' {self.bank.capacity}; "
                            f"re-export with --memory {policy.capacity}")
@@ -73,19 +73,23 @@ class Segmenter:
         """
         if not isinstance(self.policy, OfflinePolicy):
             raise DpaError("prime() is for the offline policy")
-        self.chain.reset_seconds()
         missing = sorted(set(self.policy.references) - set(references))
         if missing:
             raise DpaError(f"reference frames {missing} were not given")
-        pre = 0.0
+        started = time.perf_counter()
+        inputs = {index: self.model_inputs(*references[index]) for index in set(self.policy.references)}
+        return {"pre": time.perf_counter() - started, **self.prime_inputs(inputs)}
+
+    def prime_inputs(self, inputs: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        """`prime` from model inputs already made (frame index -> rgb, flow (3, S, S) float32); stage -> seconds."""
+        if not isinstance(self.policy, OfflinePolicy):
+            raise DpaError("prime() is for the offline policy")
+        self.chain.reset_seconds()
         for index in sorted(set(self.policy.references)):
-            started = time.perf_counter()
-            rgb, flow = self.model_inputs(*references[index])
-            pre += time.perf_counter() - started
-            entry = self.chain.memory_entry(self.chain.frame_values(rgb, flow))
+            entry = self.chain.memory_entry(self.chain.frame_values(*inputs[index]))
             for slot in self.policy.slots_of(index):
                 self.bank.write(slot, entry)
-        return {"pre": pre, **self.chain.reset_seconds()}
+        return self.chain.reset_seconds()
 
     def segment(self, frame: np.ndarray, flow: np.ndarray, index: int) -> FrameResult:
         """Segment frame number `index` (uint8 RGB (H, W, 3)) given its flow field (H, W, 2); with the uniform
@@ -121,7 +125,8 @@ class Segmenter:
                 self.bank.write(decision.slot, self.chain.memory_entry(values))
                 admitted = decision.slot
         seconds.update(self.chain.reset_seconds())
-        return FrameResult(full, mask, confidence, seconds, admitted, values if self.keep_values else {})
+        return FrameResult(full, mask, confidence, seconds, admitted,
+                           self.chain.download(values) if self.keep_values else {})
 
     def reset(self) -> None:
         """Empty the memory (a caps change or a reconnect): the next frame references itself."""
@@ -141,7 +146,7 @@ def segment_clip_offline(
     """
     if len(frames) != len(flows) or not frames:
         raise DpaError(f"need one flow per frame, got {len(frames)} frames and {len(flows)} flows")
-    policy = OfflinePolicy(len(frames), chain.memory["capacity"]) if chain.memory else None
+    policy = OfflinePolicy(len(frames), chain.memory.capacity) if chain.memory else None
     segmenter = Segmenter(chain, policy, keep_values=keep_values)
     if policy is not None:
         segmenter.prime({i: (frames[i], flows[i]) for i in set(policy.references)})

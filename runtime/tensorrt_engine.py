@@ -16,17 +16,19 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from dpa.errors import DpaError, require_module
-from dpa.files import file_sha256
-from dpa.runtime.chain import graph_file
-from dpa.runtime.engines import Engine, GraphLoad, parse_device
+from dpa.files import file_sha256, write_bytes_atomically
+from dpa.manifest import GraphSpec, Manifest
+from dpa.runtime.engine import Engine, GraphLoad, parse_device
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +180,6 @@ def timing_cache_name(tensorrt_version: str, gpu: GpuInfo) -> str:
     return f"timing-{tensorrt_version}-{gpu.slug}.cache"
 
 
-def _write_atomically(path: Path, data) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 # --- TensorRT and CUDA: everything below needs them ---------------------------------------------------------
 
 def import_tensorrt() -> ModuleType:
@@ -222,6 +218,45 @@ class Cuda:
         name = properties.name
         name = name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)
         return GpuInfo(name.strip(), (int(properties.major), int(properties.minor)))
+
+
+@dataclass(frozen=True)
+class DeviceTensor:
+    """A tensor in GPU memory: its address, shape and dtype. Runner outputs point into the runner's own buffers
+    (valid until the runner runs again); uploads own their memory, freed when the tensor is collected."""
+
+    pointer: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+class CudaTransfer:
+    """Tensors as `DeviceTensor`s on the engine's GPU: upload copies a host array into new device memory, download
+    copies a device tensor back (both synchronous)."""
+
+    def __init__(self, cuda: Cuda):
+        self.cuda = cuda
+
+    def upload(self, array: np.ndarray) -> DeviceTensor:
+        array = np.ascontiguousarray(array)
+        pointer = self.cuda.call("cudaMalloc", max(array.nbytes, 1))
+        tensor = DeviceTensor(pointer, tuple(array.shape), array.dtype)
+        weakref.finalize(tensor, self.cuda.call, "cudaFree", pointer)
+        kind = self.cuda.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self.cuda.call("cudaMemcpy", pointer, array.ctypes.data, array.nbytes, kind)
+        return tensor
+
+    def download(self, tensor: Any) -> np.ndarray:
+        if not isinstance(tensor, DeviceTensor):
+            return np.asarray(tensor)
+        host = np.empty(tensor.shape, tensor.dtype)
+        kind = self.cuda.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self.cuda.call("cudaMemcpy", host.ctypes.data, tensor.pointer, host.nbytes, kind)
+        return host
 
 
 class TensorRTRunner:
@@ -278,6 +313,8 @@ class TensorRTRunner:
             host = self.host[name]
             np.copyto(host, np.asarray(feed[name]).reshape(host.shape), casting="same_kind")
             self.cuda.call("cudaMemcpyAsync", self.device[name], host.ctypes.data, host.nbytes, to_device, stream)
+            if not self.context.set_tensor_address(name, self.device[name]):  # run_resident may have moved it
+                raise DpaError(f"{self.name}: TensorRT refused the address of tensor {name}")
         if not self.context.execute_async_v3(int(stream)):
             raise DpaError(f"TensorRT failed to enqueue graph {self.name}")
         for name in wanted:
@@ -289,6 +326,34 @@ class TensorRTRunner:
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.run(self.output_names, feed), strict=True))
+
+    def run_resident(self, feed: Mapping[str, Any]) -> dict[str, DeviceTensor]:
+        """Device tensors (or host arrays) in, device tensors out: a device input is read where it lies (its
+        address is bound, nothing is copied), a host array is copied into this runner's input buffer. The
+        outputs are this runner's own buffers, valid until it runs again."""
+        cudart, stream = self.cuda.cudart, self.stream
+        to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        start = time.perf_counter()
+        for name in self.input_names:
+            value = feed[name]
+            if isinstance(value, DeviceTensor):
+                if value.shape != self.host[name].shape or np.dtype(value.dtype) != self.host[name].dtype:
+                    raise DpaError(f"graph {self.name} input {name}: got {value.shape} {value.dtype}, the plan takes "
+                                   f"{self.host[name].shape} {self.host[name].dtype}")
+                address = value.pointer
+            else:
+                host = self.host[name]
+                np.copyto(host, np.asarray(value).reshape(host.shape), casting="same_kind")
+                self.cuda.call("cudaMemcpyAsync", self.device[name], host.ctypes.data, host.nbytes, to_device, stream)
+                address = self.device[name]
+            if not self.context.set_tensor_address(name, address):
+                raise DpaError(f"{self.name}: TensorRT refused the address of tensor {name}")
+        if not self.context.execute_async_v3(int(stream)):
+            raise DpaError(f"TensorRT failed to enqueue graph {self.name}")
+        self.cuda.call("cudaStreamSynchronize", stream)
+        self.last_seconds = time.perf_counter() - start
+        return {name: DeviceTensor(self.device[name], self.host[name].shape, self.host[name].dtype)
+                for name in self.output_names}
 
     def close(self) -> None:
         for pointer in self.device.values():
@@ -363,7 +428,7 @@ def build_plan(tensorrt: ModuleType, logger, onnx_path: Path, policy: BuilderPol
     return bytes(memoryview(plan)), bytes(memoryview(timing_cache.serialize())), plugin_layers
 
 
-def open_tensorrt_engine(directory: Path, manifest: dict, precision: str, device: str, cache_dir: Path,
+def open_tensorrt_engine(directory: Path, manifest: Manifest, precision: str, *, device: str, cache_dir: Path,
                          plugin_library: str | os.PathLike | None = None, form: str | None = None,
                          settings: BuildSettings = BuildSettings()) -> Engine:
     """Plans for every graph of `directory` (loaded from cache_dir when their hash matches, else built and
@@ -379,7 +444,7 @@ def open_tensorrt_engine(directory: Path, manifest: dict, precision: str, device
     cuda.call("cudaSetDevice", index)
     plugins = load_plugins(tensorrt, plugin_library)
     plugin_sha256 = file_sha256(plugins) if plugins else None
-    choice = choose_tensorrt_form(manifest["forms"], plugins is not None, version, form)
+    choice = choose_tensorrt_form(manifest.forms, plugins is not None, version, form)
     log.info("TensorRT %s on %s: %s form (%s), %s", version, gpu.name, choice.form, choice.note,
              "strongly typed" if policy.strongly_typed else f"weakly typed, flags {policy.set_flags}")
     try:
@@ -404,8 +469,8 @@ def open_tensorrt_engine(directory: Path, manifest: dict, precision: str, device
     resources = [runtime, logger]
 
     try:
-        for name in manifest["graphs"]:
-            onnx_path = graph_file(directory, manifest, name, choice.form)
+        for name, graph in manifest.graphs.items():
+            onnx_path = manifest.graph_file(directory, name, choice.form)
             inputs = PlanInputs(file_sha256(onnx_path), precision, choice.form, version, gpu, plugin_sha256, settings)
             plan_path = cache_dir / plan_file_name(name, inputs)
             record_path = plan_path.with_suffix(".json")
@@ -414,15 +479,14 @@ def open_tensorrt_engine(directory: Path, manifest: dict, precision: str, device
             if built:
                 log.info("building the %s plan (%s, %s form); this takes a while", name, precision, choice.form)
                 plan, timing, plugin_layers = build_plan(tensorrt, logger, onnx_path, policy, settings, timing)
-                if choice.uses_plugins and not plugin_layers and sum(manifest["graphs"][name]["custom_nodes"]
-                                                                     .get(choice.form, {}).values()):
+                if choice.uses_plugins and not plugin_layers and sum(graph.custom_nodes.get(choice.form, {}).values()):
                     log.warning("%s: TensorRT imported no plugin layer although %s", name, choice.note)
-                _write_atomically(plan_path, plan)
-                _write_atomically(timing_path, timing)
+                write_bytes_atomically(plan_path, plan)
+                write_bytes_atomically(timing_path, timing)
                 record = {"graph": name, "onnx": str(onnx_path), "plan_inputs": asdict(inputs),
                           "plugin_library": str(plugins) if plugins else None, "plugin_layers": plugin_layers,
                           "build_seconds": round(time.perf_counter() - start, 3)}
-                _write_atomically(record_path, (json.dumps(record, indent=2) + "\n").encode())
+                write_bytes_atomically(record_path, (json.dumps(record, indent=2) + "\n").encode())
             else:
                 plan = plan_path.read_bytes()
                 record = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -432,7 +496,7 @@ def open_tensorrt_engine(directory: Path, manifest: dict, precision: str, device
                                "TensorRT or plugin library); delete it and run `dpa build` again")
             engines[name] = engine
             runner = TensorRTRunner(name, engine, cuda, stream, tensorrt)
-            _check_against_manifest(runner, manifest["graphs"][name], plan_path)
+            _check_against_manifest(runner, graph, plan_path)
             sessions[name] = runner
             loads[name] = GraphLoad(name, onnx_path, time.perf_counter() - start, built, plan_path,
                                     [f"TensorRT {version}"], record.get("plugin_layers"))
@@ -446,12 +510,13 @@ def open_tensorrt_engine(directory: Path, manifest: dict, precision: str, device
                "settings": asdict(settings)}
     cuda_version = cuda.call("cudaRuntimeGetVersion")
     versions = {"tensorrt": version, "cuda_runtime": f"{cuda_version // 1000}.{cuda_version % 1000 // 10}"}
-    return Engine("tensorrt", precision, f"cuda:{index}", directory, manifest, sessions, loads, choice.form,
-                  [f"TensorRT {version}"], versions, details, close)
+    return Engine(backend="tensorrt", precision=precision, device=f"cuda:{index}", directory=directory,
+                  manifest=manifest, runners=sessions, loads=loads, form=choice.form, providers=[f"TensorRT {version}"],
+                  versions=versions, details=details, transfer=CudaTransfer(cuda), close=close)
 
 
-def _check_against_manifest(runner: TensorRTRunner, graph: dict, plan_path: Path) -> None:
-    expected = {tensor["name"]: tuple(tensor["shape"]) for tensor in graph["inputs"] + graph["outputs"]}
+def _check_against_manifest(runner: TensorRTRunner, graph: GraphSpec, plan_path: Path) -> None:
+    expected = {tensor.name: tensor.shape for tensor in graph.inputs + graph.outputs}
     actual = {name: array.shape for name, array in runner.host.items()}
     if actual != expected:
         raise DpaError(f"{plan_path} does not match the manifest (plan I/O {actual}, manifest {expected}); "

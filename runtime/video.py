@@ -10,7 +10,7 @@ Sources (`parse_source`), all taking `?width=&height=&fps=&frames=&live=0|1`:
 - a video file path or `file://PATH` — decoded with decodebin, every frame (not live);
 - `rtsp://HOST[:PORT]/PATH` (`rtspt://` forces TCP) — an RTSP client (live), also `latency=` (ms);
 - `test://PATTERN` — videotestsrc (`ball`, `smpte`, ...; live);
-- `test://synthetic` — the procedural clips of `dpa.training.synth.generate_clip`, also `seed=` and `size=`,
+- `test://synthetic` — the procedural clips of `dpa.synthetic.generate_clip`, also `seed=` and `size=`,
   pushed through an appsrc (live: paced at fps by the appsink's clock sync);
 - an image folder — read with OpenCV in natural name order (not live, no GStreamer, so frames are
   pixel-identical to offline inference's `cv2.imread`).
@@ -44,6 +44,7 @@ import cv2
 import numpy as np
 
 from dpa.errors import DpaError, require_module
+from dpa.images import IMAGE_SUFFIXES, list_images, read_rgb, write_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ SINK_FORMS = (
     "null:// (discard)",
 )
 VIDEO_SUFFIXES = {".mp4": "mp4mux", ".mkv": "matroskamux", ".avi": "avimux"}  # sink container -> muxer
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # the same set as dpa.export.frames.load_clip
 SINK_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # videotestsrc's pattern nicknames (GStreamer 1.22).
 TEST_PATTERNS = (
@@ -586,7 +586,7 @@ class _ImageFolderFrames:
     def __init__(self, spec: SourceSpec):
         root = Path(spec.location)
         folder = root / "JPEGImages" if (root / "JPEGImages").is_dir() else root
-        self.paths = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+        self.paths = list_images(folder)
         if not self.paths:
             raise DpaError(f"video source {spec.uri}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
         self.spec = spec
@@ -594,8 +594,6 @@ class _ImageFolderFrames:
         self.skipped = 0
 
     def next(self) -> Frame | None:
-        from dpa.runtime.preprocess import read_rgb
-
         options = self.spec.options
         limit = min(len(self.paths), options.get("frames", len(self.paths)))
         while self.position < limit:
@@ -612,11 +610,6 @@ class _ImageFolderFrames:
                 image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
             return Frame(image, index, index / options.get("fps", FOLDER_FPS), path.stem)
         return None
-
-
-def _natural_key(path: Path) -> list:
-    """Natural name order (frame2 before frame10), the order of dpa.export.frames.load_clip."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 class VideoSource:
@@ -708,7 +701,7 @@ class VideoSource:
         return self
 
     def _synthetic_frames(self) -> list[np.ndarray]:
-        from dpa.training.synth import generate_clip
+        from dpa.synthetic import generate_clip
 
         options = self.spec.options
         frames, _ = generate_clip(np.random.default_rng(options["seed"]), options["frames"], options["size"])
@@ -851,8 +844,6 @@ class _ImageFolderWriter:
         self.thread.start()
 
     def _run(self) -> None:
-        from dpa.runtime.preprocess import write_rgb
-
         while (item := self.queue.get()) is not None:
             if self.error is None:  # after an error, keep draining so that put() and close() never block
                 try:

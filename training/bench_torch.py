@@ -35,7 +35,7 @@ import torch
 
 from dpa.errors import DpaError
 from dpa.runtime.bench import Samples, Timer, TimingSettings, per_frame_means
-from dpa.runtime.memory import frames_for_references
+from dpa.sampling import frames_for_references
 from dpa.training.model import DPA, MODALITIES
 
 
@@ -77,10 +77,10 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def model_of_export(directory: str | Path) -> DPA:
     """The PyTorch model an export directory was made from (its manifest's weights, hash-checked), in eval mode."""
-    from dpa.export.check import resolve_weights
-    from dpa.runtime.chain import load_manifest
+    from dpa.manifest import Manifest
+    from dpa.training.checkpoint import exported_model
 
-    model, _ = resolve_weights(directory, load_manifest(directory), None)
+    model, _ = exported_model(directory, Manifest.load(directory))
     return model.eval()
 
 

@@ -1,22 +1,27 @@
 """Checkpoints: config, weights, step, optimiser state and metrics in one file; named shipped checkpoints.
 
-`--checkpoint tiny` (any command) resolves to the small demo checkpoint shipped in
-`training/checkpoints/tiny.pt`; anything else is a path.
+`--checkpoint small` and `--checkpoint tiny` (any command) resolve to the checkpoints shipped in
+`training/checkpoints/`: `small` is the real-video model, `tiny` the synthetic-only test network; anything
+else is a path.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from dpa.errors import DpaError
+from dpa.manifest import Manifest
 from dpa.training.config import ModelConfig
 from dpa.training.model import DPA
 
+log = logging.getLogger(__name__)
+
 SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"
-SHIPPED = {"tiny": SHIPPED_DIR / "tiny.pt"}
+SHIPPED = {"tiny": SHIPPED_DIR / "tiny.pt", "small": SHIPPED_DIR / "small.pt"}
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
@@ -80,3 +85,49 @@ def load_model(name_or_path: str | os.PathLike) -> tuple[DPA, dict]:
     model = DPA(config)
     load_state(model, payload["model"], source=payload["path"])
     return model.eval(), payload
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes and bytes, in name order): identifies the weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def exported_model(directory: str | os.PathLike, manifest: Manifest, checkpoint: str | None = None) -> tuple[DPA, dict]:
+    """The PyTorch model the graphs of export `directory` were exported from, at the manifest's S and N, and where
+    its weights came from.
+
+    checkpoint None: the manifest's record — the seeded initialisation, or the checkpoint it names (a relative
+    path is looked up in `directory` first: `dpa export --init calibrated` stores its weights there). The
+    weights must hash to the manifest's `weights_sha256`.
+    """
+    from dpa.files import file_sha256
+    from dpa.training.model import build_model
+
+    config = ModelConfig.from_dict(dict(manifest.model.config))
+    recorded = manifest.checkpoint
+    if checkpoint is None and recorded.path is None:
+        model = build_model(config, seed=recorded.seed)
+        source = {"path": None, "random_init": True, "seed": recorded.seed}
+    else:
+        if checkpoint is None:
+            path = Path(recorded.path)
+            checkpoint = str(Path(directory) / path if (Path(directory) / path).is_file() else path)
+        payload = load_checkpoint(checkpoint)
+        sha = file_sha256(payload["path"])
+        if recorded.sha256 and sha != recorded.sha256:
+            log.warning("checkpoint %s (sha256 %s…) is not the exported file (sha256 %s…); comparing the weights",
+                        payload["path"], sha[:12], recorded.sha256[:12])
+        model = DPA(config)
+        load_state(model, payload["model"], source=payload["path"])
+        source = {"path": payload["path"], "sha256": sha, "random_init": recorded.random_init}
+    if weights_sha256(model) != manifest.model.weights_sha256:
+        raise DpaError("these weights are not the ones the graphs were exported from (weights sha256 differs); "
+                       "pass the checkpoint given to `dpa export`")
+    return model.eval(), source

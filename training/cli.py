@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from dpa.cli import command
+from dpa.command import command
 from dpa.errors import DpaError
 
 log = logging.getLogger(__name__)
+
+FLOW_DATASET_SIZE = 352  # `dpa flow`'s default working size: the paper's S
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +27,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--layout", default="auto",
                        help="dataset layout: davis|youtube-vos|preprocessed|images (detected by default)")
     model.add_argument("--split", default="val", help="dataset split (default val)")
+    model.add_argument("--flow-root", metavar="DIR", help="where the dataset's flow images are (`dpa flow --out`)")
+    _sequence_arguments(model)
     model.add_argument("--flow", choices=("auto", "files", "dis"), default="auto",
                        help="files: pre-computed flow images; dis: estimate now (offline direction); "
                        "auto: files when every frame has one, else DIS (the report says which)")
@@ -74,6 +78,7 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         from dpa.training.inference import evaluate_checkpoint
 
+        args.sequences, args.exclude = _names(args.sequences), _names(args.exclude)
         result = evaluate_checkpoint(args)
     print(format_table(result))
     if args.json:
@@ -82,10 +87,22 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sequence_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sequences", metavar="NAMES", help="only these sequences (comma-separated names)")
+    parser.add_argument("--exclude", metavar="NAMES",
+                        help="leave out these sequences (comma-separated names), e.g. a development split")
+
+
+def _names(value: str | None) -> list[str] | None:
+    """A comma-separated --sequences/--exclude value as a list (None when not given)."""
+    return None if value is None else [name.strip() for name in value.split(",") if name.strip()]
+
+
 def _model_arguments(parser: argparse.ArgumentParser, default_config: str = "paper-iv") -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--config", default=default_config, help=f"preset name (default {default_config}): "
-                       "paper-i … paper-xi (Table 1 ablations), paper (= paper-iv), tiny")
+                       "paper-i … paper-xi (Table 1 ablations), paper (= paper-iv), small (= small-iv; its "
+                       "ablations small-i … small-xi), tiny")
     group.add_argument("--size", type=int, help="input size S, a multiple of 32 (preset default)")
     group.add_argument("--memory", type=int, help="reference frames N (preset default)")
     group.add_argument("--width", type=float, help="channel width multiplier (preset default)")
@@ -117,7 +134,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", type=int, choices=(1, 2), default=2,
                         help="1: saliency images (DUTS), then the appearance encoder is copied to the motion "
                         "encoder; 2: video clips with N references (default)")
+    parser.add_argument("--flow-root", action="append", default=[], metavar="DIR",
+                        help="where a --data root's flow images are (`dpa flow --out DIR`); one per --data, in the "
+                        "same order (default: in the dataset)")
     parser.add_argument("--split", default="train", help="dataset split (default train)")
+    _sequence_arguments(parser)
     _model_arguments(parser)
     group = parser.add_argument_group("optimisation (paper defaults)")
     group.add_argument("--steps", type=int, default=40000)
@@ -135,8 +156,15 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                        "the paper's BCE only)")
     group.add_argument("--init", help="start from this checkpoint's weights (stage 2: the stage-1 checkpoint)")
     group.add_argument("--vgg-weights", help="torchvision VGG-16 ImageNet state dict (.pth) for both encoders")
-    group.add_argument("--save-every", type=int, default=1000)
+    group.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (OUT/last.pt)")
+    group.add_argument("--keep-checkpoints", action="store_true",
+                       help="also keep the weights at every --save-every step as OUT/model-<step>.pt (to select a "
+                       "step on a development split)")
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0, …")
+    group.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="bf16: autocast convolutions and matrix products to bfloat16 (weights and optimiser stay "
+                       "fp32); default fp32")
+    group.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--resume", action="store_true", help="continue OUT/last.pt exactly where it stopped")
     parser.add_argument("--until", type=int, help="stop after this step (resume later with --resume)")
 
@@ -146,26 +174,27 @@ def run_train(args: argparse.Namespace) -> int:
     from dpa.training.train import TrainSettings, train
 
     settings = TrainSettings(
-        out=args.out, data=args.data, stage=args.stage, config=args.config, size=args.size, memory=args.memory,
-        width=args.width, split=args.split, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+        out=args.out, data=args.data, flow_roots=args.flow_root, sequences=_names(args.sequences),
+        exclude=_names(args.exclude) or [], precision=args.precision, threads=args.threads, stage=args.stage,
+        config=args.config, size=args.size, memory=args.memory, width=args.width, split=args.split, steps=args.steps,
+        batch_size=args.batch_size, learning_rate=args.lr,
         final_learning_rate=args.final_lr, seed=args.seed, workers=args.workers, augment=not args.no_augment,
         freeze_batch_norm=args.freeze_batch_norm, freeze_batch_norm_from=args.freeze_batch_norm_from,
         iou_loss_weight=args.iou_loss, init=args.init, vgg_weights=args.vgg_weights,
-        save_every=args.save_every, device=args.device,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, device=args.device,
     )
     last = train(settings, resume=args.resume, until=args.until)
     print(f"checkpoint: {last}")
     return 0
 
 
-def _flow_estimator_arguments(parser: argparse.ArgumentParser, option: str) -> None:
+def _flow_estimator_arguments(parser: argparse.ArgumentParser, option: str, size_help: str) -> None:
     parser.add_argument(option, dest="estimator", choices=("dis", "raft"), default="dis",
                         help="flow estimator: dis (OpenCV, what the runtime uses; default) or raft "
                              "(torchvision, where installed)")
     parser.add_argument("--preset", choices=("ultrafast", "fast", "medium"),
                         help="DIS preset (default fast)")
-    parser.add_argument("--work-size", type=int, metavar="PX",
-                        help="compute DIS flow at PX x PX and scale it back (default: the frames' size)")
+    parser.add_argument("--work-size", type=int, metavar="S", help=size_help)
 
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,7 +205,8 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     parser.add_argument("--split", default="train", metavar="NAME", help="split folder name (default train)")
     parser.add_argument("--overwrite", action="store_true", help="replace a split that dpa synth wrote")
-    _flow_estimator_arguments(parser, "--flow")
+    _flow_estimator_arguments(parser, "--flow", "compute DIS flow on the frames resized to S x S (default: the "
+                              "frames' own size, which is the model's input size for synthetic clips)")
 
 
 @command("synth", "generate a procedural video dataset with exact masks and flow (pre-processed layout)",
@@ -208,7 +238,10 @@ def _flow_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: into the dataset)")
     parser.add_argument("--resolution", default="480p", help="DAVIS resolution folder (default 480p)")
     parser.add_argument("--overwrite", action="store_true", help="recompute flow images that already exist")
-    _flow_estimator_arguments(parser, "--estimator")
+    _flow_estimator_arguments(parser, "--estimator", f"the input size S of the model the flow is for: DIS runs on "
+                              f"the frames resized to S x S and the flow images are written at S x S, as the "
+                              f"runtime computes them (default {FLOW_DATASET_SIZE}, the paper's S; 0: the frames' "
+                              "own size, as the public pre-processed datasets)")
 
 
 @command("flow", "pre-compute flow images (offline direction, RAFT colour wheel) for a dataset",
@@ -217,7 +250,10 @@ def run_flow(args: argparse.Namespace) -> int:
     from dpa.training.flowgen import compute_flow, create_estimator, estimator_options, find_sequences
 
     sequences = find_sequences(args.data, args.layout, args.out, args.resolution)
-    options = estimator_options(args.estimator, args.preset, args.work_size)
+    work_size = args.work_size
+    if work_size is None and args.estimator == "dis":
+        work_size = FLOW_DATASET_SIZE
+    options = estimator_options(args.estimator, args.preset, work_size or None)
     summary = compute_flow(sequences, create_estimator(args.estimator, **options), overwrite=args.overwrite)
     print(f"{summary.sequences} sequences: wrote {summary.written} flow images, kept {summary.existing} "
           f"existing, skipped {len(summary.unreadable)} unreadable frames -> {args.out or args.data}")

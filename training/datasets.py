@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,8 @@ import torch
 from torch.utils.data import Dataset
 
 from dpa.errors import DpaError
-from dpa.runtime.preprocess import preprocess_flow, preprocess_rgb, read_rgb
+from dpa.images import IMAGE_SUFFIXES, MASK_SUFFIXES, natural_key, read_rgb
+from dpa.runtime.preprocess import preprocess_flow, preprocess_rgb
 from dpa.training.augment import AugmentConfig, AugmentParams, apply_augment, draw_augment_params
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,6 @@ _LAYOUT_ALIASES = {
     "images": "images",
     "duts": "duts",
 }
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-MASK_SUFFIXES = (".png",)
 FLOW_SUFFIXES = (".png", ".jpg", ".jpeg")  # the first one present wins; `dpa flow` writes .png
 MAX_DRAWS = 64  # consecutive unreadable draws before a dataset gives up (it is then mostly broken)
 
@@ -157,10 +155,6 @@ def _is_palette_png(data: np.ndarray) -> bool:
 # ---------------------------------------------------------------------------------------------- listing
 
 
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 def _files_by_stem(directory: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     """stem → path for the files in `directory` with one of `suffixes` (earlier suffixes win)."""
     found: dict[str, Path] = {}
@@ -183,7 +177,7 @@ def _subdirectories(directory: Path) -> list[str]:
     if not directory.is_dir():
         return []
     with os.scandir(directory) as entries:
-        return sorted((entry.name for entry in entries if entry.is_dir()), key=_natural_key)
+        return sorted((entry.name for entry in entries if entry.is_dir()), key=natural_key)
 
 
 def _existing_root(root: str | Path) -> Path:
@@ -224,7 +218,7 @@ def _assemble(
     (they stay in the sequence, usable as references) with one warning per sequence.
     """
     if frames is None:
-        frames = sorted(rgb, key=_natural_key)
+        frames = sorted(rgb, key=natural_key)
     kept = []
     for frame in frames:
         if frame in rgb:
@@ -403,7 +397,7 @@ def load_preprocessed(root: str | Path, split: str = "train", flow_root: str | P
                         _skip(skipped, f"{path}: name is not <sequence>_<frame>")
                     continue
                 grouped.setdefault(name, [{}, {}, {}])[kind][frame] = path
-        for name in sorted(grouped, key=_natural_key):
+        for name in sorted(grouped, key=natural_key):
             rgb, masks, flow = grouped[name]
             if not rgb:
                 continue
@@ -558,6 +552,44 @@ def load_sequences(
     if layout == "images":
         return load_image_folders(root, flow_root)
     raise DpaError(f"{root} holds still images (DUTS), not videos: it is stage-1 data (read with load_duts)")
+
+
+def select_sequences(
+    sequences: DatasetListing, include: Sequence[str] | None = None, exclude: Sequence[str] = ()
+) -> DatasetListing:
+    """The sequences named in `include` (all when None) minus those in `exclude`, in their listed order.
+
+    DpaError naming the unknown names (a typo would otherwise silently train or score on the wrong split) and
+    when nothing is left.
+    """
+    names = {sequence.name for sequence in sequences}
+    unknown = sorted(set(include or ()) - names) + sorted(set(exclude) - names)
+    if unknown:
+        raise DpaError(f"no sequence named {', '.join(unknown)} in the dataset (it has {len(names)}: "
+                       f"{', '.join(sorted(names)[:8])}{' …' if len(names) > 8 else ''})")
+    kept = [s for s in sequences if (include is None or s.name in include) and s.name not in exclude]
+    if not kept:
+        raise DpaError("no sequence left after --sequences/--exclude")
+    return DatasetListing(kept, sequences.skipped)
+
+
+def sample_frames(paths: Sequence[Path], count: int, size: int) -> np.ndarray:
+    """`count` of the RGB images `paths` (e.g. every frame of a dataset), spread evenly, pre-processed for the model:
+    (count, 3, S, S) float32 ImageNet-normalised (e.g. to choose the ImageNet filters of a narrow encoder).
+    Unreadable files are skipped (the next readable one is taken)."""
+    if not paths:
+        raise DpaError("no frames to sample")
+    picks = np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)
+    frames = []
+    for pick in picks:
+        for path in paths[pick:]:
+            image = read_rgb_or_none(path)
+            if image is not None:
+                frames.append(preprocess_rgb(image, size))
+                break
+    if not frames:
+        raise DpaError("none of the sampled frames could be read")
+    return np.stack(frames)
 
 
 def pairs_from_sequences(sequences: Sequence[VideoSequence]) -> list[tuple[Path, Path]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dpa.errors import DpaError
+from dpa.images import natural_key
 from dpa.training.metrics import boundary_f_measure, region_similarity, sequence_statistics
 
 log = logging.getLogger(__name__)
@@ -132,11 +132,6 @@ def summarise(sequences: Mapping[str, dict], protocol: str) -> dict:
     }
 
 
-def _natural_key(text: str) -> list:
-    """Sort key that orders embedded numbers by value ("frame2" before "frame10")."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
 def _mask_files(folder: Path) -> dict[str, Path]:
     """Mask files of one sequence folder by stem, in natural order."""
     files: dict[str, Path] = {}
@@ -147,7 +142,7 @@ def _mask_files(folder: Path) -> dict[str, Path]:
                     f"two masks for frame {path.stem} in {folder}: {files[path.stem].name}, {path.name}"
                 )
             files[path.stem] = path
-    return {stem: files[stem] for stem in sorted(files, key=_natural_key)}
+    return {stem: files[stem] for stem in sorted(files, key=natural_key)}
 
 
 def _sequence_folders(root: Path, role: str) -> dict[str, Path]:
@@ -155,7 +150,7 @@ def _sequence_folders(root: Path, role: str) -> dict[str, Path]:
         raise DpaError(f"{role} directory {root} not found")
     return {
         path.name: path
-        for path in sorted(root.iterdir(), key=lambda path: _natural_key(path.name))
+        for path in sorted(root.iterdir(), key=natural_key)
         if path.is_dir() and not path.name.startswith(".")
     }
 

@@ -14,7 +14,6 @@ Unreadable frames are skipped with a warning and counted; their neighbours pair 
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from dpa.errors import DpaError, require_module
+from dpa.images import list_images, read_rgb, write_rgb
 from dpa.runtime.flow import FlowEstimator, create_flow_estimator, flow_to_rgb, offline_flow
-from dpa.runtime.preprocess import read_rgb, write_rgb
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("davis", "preprocessed", "images")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -48,16 +46,6 @@ class FlowSummary:
     written: int = 0
     existing: int = 0
     unreadable: list[str] = field(default_factory=list)
-
-
-def natural_key(path: Path) -> list:
-    """Sort key that orders frame 2 before frame 10 whatever the zero padding."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                  key=natural_key)
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -83,7 +71,7 @@ def find_sequences(data: str | Path, layout: str, out: str | Path | None = None,
         if images.is_dir():
             for folder in _subfolders(images):
                 flow_folder = data / "FLOW" / resolution / folder.name
-                sequences.append(sequence(folder.name, _images(folder), flow_folder))
+                sequences.append(sequence(folder.name, list_images(folder), flow_folder))
     elif layout == "preprocessed":
         expected = (f"{data}/<split>/RGB/<sequence>/<frame>.jpg, {data}/<split>/RGB/<sequence>_<frame>.jpg "
                     f"or {data}/<split>/<sequence>/RGB/<frame>.jpg")
@@ -92,11 +80,11 @@ def find_sequences(data: str | Path, layout: str, out: str | Path | None = None,
             prefix = "" if owner == "." else f"{owner}/"
             owner = data.name if owner == "." else owner
             for folder in _subfolders(rgb):
-                sequences.append(sequence(prefix + folder.name, _images(folder), rgb.parent / "FLOW" / folder.name))
+                sequences.append(sequence(prefix + folder.name, list_images(folder), rgb.parent / "FLOW" / folder.name))
             # Files directly in RGB/: "<seq>_<frame>" files, one sequence per name; plain "<frame>" names
             # (the public test form <split>/<seq>/RGB/) make one sequence, named after the folder.
             flat: dict[str, list[Path]] = defaultdict(list)
-            for frame in _images(rgb):
+            for frame in list_images(rgb):
                 flat[frame.stem.rpartition("_")[0]].append(frame)
             for name, frames in sorted(flat.items()):
                 sequences.append(sequence(prefix + name if name else owner, frames, rgb.parent / "FLOW"))
@@ -104,7 +92,7 @@ def find_sequences(data: str | Path, layout: str, out: str | Path | None = None,
         expected = f"{data}/<sequence>/JPEGImages/<frame>.jpg"
         for folder in _subfolders(data):
             if (folder / "JPEGImages").is_dir():
-                sequences.append(sequence(folder.name, _images(folder / "JPEGImages"), folder / "FLOW"))
+                sequences.append(sequence(folder.name, list_images(folder / "JPEGImages"), folder / "FLOW"))
     else:
         raise DpaError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     sequences = [item for item in sequences if item.frames]

@@ -1,7 +1,9 @@
 """Offline inference of a checkpoint on whole videos, with the paper's reference sampling (SPEC §3).
 
 For a video of L frames the memory holds the N frames k_i = floor(i (L-1) / (N-1)); each reference's
-entry comes from its own f5, computed once. Every frame is then encoded and decoded against that memory.
+entry comes from its own f5, computed once. Every frame is then encoded and decoded against that memory. The model
+runs as the pytorch backend through the runtime's chain (`dpa.training.torch_engine`), graph by graph like an
+export.
 """
 
 from __future__ import annotations
@@ -11,58 +13,44 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dpa.errors import DpaError
-from dpa.runtime.memory import frames_for_references
-from dpa.training.model import DPA, MODALITIES
+from dpa.sampling import frames_for_references
+from dpa.training.model import DPA
 
 log = logging.getLogger(__name__)
 
 
 class OfflinePredictor:
-    """Runs a DPA model over one video in memory. Inputs are already pre-processed (SPEC §2.1)."""
+    """A model's offline inference over one video in memory, through the runtime's `Segmenter` and `StageChain` on
+    the pytorch backend: the paper's reference frames primed into the memory, then every frame against it.
+    Inputs are already pre-processed (SPEC §2.1)."""
 
-    def __init__(self, model: DPA, device: str | torch.device = "cpu", batch_size: int = 4):
-        self.model = model.eval().to(device)
-        self.device = torch.device(device)
-        self.batch_size = batch_size
+    def __init__(self, model: DPA, device: str = "cpu"):
+        from dpa.runtime.chain import StageChain
+        from dpa.training.torch_engine import model_engine
 
-    @torch.no_grad()
-    def memory_for(self, rgb: np.ndarray, flow: np.ndarray) -> tuple[dict | None, torch.Tensor | None, list[int]]:
-        """Memory bank of the reference frames of a video: modality -> (keys, values) (1, N, T, D)."""
-        config = self.model.config
-        if not config.uses_ifa:
-            return None, None, []
-        indices = frames_for_references(len(rgb), config.memory)
-        encoded = self.model.encode(self._tensor(rgb[indices]), self._tensor(flow[indices]))
-        entries = self.model.memory_entry(encoded.f5)
-        memory = {m: tuple(t[None] for t in entries[m]) for m in MODALITIES}  # (1, N, T, D)
-        valid = torch.ones(1, len(indices), dtype=torch.bool, device=self.device)
-        return memory, valid, indices
+        self.chain = StageChain(model_engine(model, device))
 
-    @torch.no_grad()
+    def references(self, length: int) -> list[int]:
+        """The frames whose entries fill the memory for a video of `length` frames (none without IFA)."""
+        memory = self.chain.memory
+        return frames_for_references(length, memory.capacity) if memory else []
+
     def predict(self, rgb: np.ndarray, flow: np.ndarray) -> np.ndarray:
         """rgb, flow (L, 3, S, S) float32 pre-processed -> foreground probabilities (L, S, S) float32."""
+        from dpa.runtime.memory import OfflinePolicy
+        from dpa.runtime.segmenter import Segmenter
+
         if rgb.shape != flow.shape or rgb.ndim != 4:
             raise DpaError(f"rgb {rgb.shape} and flow {flow.shape} must both be (L, 3, S, S)")
-        memory, valid, _ = self.memory_for(rgb, flow)
-        probabilities = []
-        for start in range(0, len(rgb), self.batch_size):
-            batch_rgb = self._tensor(rgb[start : start + self.batch_size])
-            batch = batch_rgb.shape[0]
-            encoded = self.model.encode(batch_rgb, self._tensor(flow[start : start + self.batch_size]))
-            ima5 = self.model.ima_block5(encoded.f5) if self.model.config.uses_ima else None
-            batch_memory = batch_valid = None
-            if memory is not None:
-                batch_memory = {m: tuple(t.expand(batch, *t.shape[1:]) for t in memory[m]) for m in MODALITIES}
-                batch_valid = valid.expand(batch, -1)
-            logits = self.model.decode(encoded, ima5, batch_memory, batch_valid)["p1"]
-            probabilities.append(torch.sigmoid(logits)[:, 0].float().cpu().numpy())
-        return np.concatenate(probabilities)
-
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+        memory = self.chain.memory
+        policy = OfflinePolicy(len(rgb), memory.capacity) if memory else None
+        segmenter = Segmenter(self.chain, policy)
+        if policy is not None:
+            segmenter.prime_inputs({i: (rgb[i], flow[i]) for i in set(policy.references)})
+        size = rgb.shape[-2:]
+        return np.stack([segmenter.segment_inputs(rgb[i], flow[i], size, i).probability for i in range(len(rgb))])
 
 
 def render_offline_flow(frames: list[np.ndarray], estimator) -> list[np.ndarray]:
@@ -87,11 +75,12 @@ def load_video(sequence, size: int, flow_mode: str = "auto", estimator=None):
     """Read and pre-process every frame of a `VideoSequence`.
 
     flow_mode: "files" (the sequence's pre-computed flow images; error when missing), "dis" (estimate
-    with DIS now, offline direction t -> t+1 as the training data), "auto" (files when every frame has
-    one, else DIS). Returns (rgb (L,3,S,S), flow (L,3,S,S), frames RGB uint8 list, flow source name).
+    with DIS now at the model's input size, `model_flow_estimator`, offline direction t -> t+1 as the
+    training data), "auto" (files when every frame has one, else DIS).
+    Returns (rgb (L,3,S,S), flow (L,3,S,S), frames RGB uint8 list, flow source name).
     """
-    from dpa.runtime.flow import create_flow_estimator
-    from dpa.runtime.preprocess import read_rgb
+    from dpa.images import read_rgb
+    from dpa.runtime.flow import model_flow_estimator
 
     frames = [read_rgb(path) for path in sequence.rgb]
     have_files = all(path is not None and Path(path).is_file() for path in sequence.flow)
@@ -101,9 +90,9 @@ def load_video(sequence, size: int, flow_mode: str = "auto", estimator=None):
         flow_images = [read_rgb(path) for path in sequence.flow]
         source = "files"
     else:
-        estimator = estimator or create_flow_estimator("dis")
+        estimator = estimator or model_flow_estimator(size)
         flow_images = render_offline_flow(frames, estimator)
-        source = f"{estimator.name} (offline: forward flow t->t+1)"
+        source = f"{estimator!r} (offline: forward flow t->t+1)"
     rgb, flow = preprocess_video(frames, flow_images, size)
     return rgb, flow, frames, source
 
@@ -118,12 +107,14 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
     from dpa.runtime.preprocess import postprocess_probability
     from dpa.training.checkpoint import load_model
-    from dpa.training.datasets import load_sequences
+    from dpa.training.datasets import load_sequences, select_sequences
     from dpa.training.evaluate import read_mask, score_sequence, summarise
 
     model, _ = load_model(args.checkpoint)
     predictor = OfflinePredictor(model, getattr(args, "device", "cpu") or "cpu")
-    sequences = load_sequences(args.data, layout=getattr(args, "layout", "auto"), split=getattr(args, "split", "val"))
+    sequences = load_sequences(args.data, layout=getattr(args, "layout", "auto"), split=getattr(args, "split", "val"),
+                               flow_root=getattr(args, "flow_root", None))
+    sequences = select_sequences(sequences, getattr(args, "sequences", None), getattr(args, "exclude", None) or ())
     save_dir = Path(args.save_masks) if getattr(args, "save_masks", None) else None
     results, sources = {}, set()
     for sequence in tqdm(sequences, desc="eval", unit="seq"):

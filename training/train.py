@@ -31,6 +31,7 @@ from dpa.training.model import DPA, build_model
 log = logging.getLogger(__name__)
 
 SIDE_OUTPUTS = ("p4", "p3", "p2", "p1")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -40,10 +41,15 @@ class TrainSettings:
     data: dataset roots, each "ROOT" or "ROOT:LAYOUT" (layout davis|youtube-vos|preprocessed|images|duts;
     auto-detected when omitted). Several roots are sampled with equal probability (stage 2: DAVIS 2016 +
     YouTube-VOS 2018, as in the paper).
+    flow_roots: where each root's flow images are (`dpa flow --out`), in the order of `data`; empty: in the
+    datasets themselves. sequences / exclude: keep only / leave out these sequences (e.g. a development split).
     """
 
     out: str
     data: list[str] = field(default_factory=list)
+    flow_roots: list[str] = field(default_factory=list)
+    sequences: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
     stage: int = 2
     config: str = "paper-iv"
     size: int | None = None
@@ -67,8 +73,13 @@ class TrainSettings:
     init: str | None = None  # checkpoint to start from (stage 2 starts from stage 1)
     vgg_weights: str | None = None  # torchvision VGG-16 state dict file (ImageNet initialisation)
     save_every: int = 1000
+    keep_checkpoints: bool = False  # also keep the weights of every --save-every step as OUT/model-<step>.pt
     log_every: int = 10
     device: str = "auto"
+    # Mixed precision: "fp32", or "bf16" (autocast: convolutions and matrix products in bfloat16, weights and
+    # optimiser in fp32). threads: torch intra-op threads (None: torch's default).
+    precision: str = "fp32"
+    threads: int | None = None
 
     def model_config(self) -> ModelConfig:
         return get_config(self.config, size=self.size, memory=self.memory, width=self.width)
@@ -153,17 +164,49 @@ def _split_root(spec: str) -> tuple[str, str]:
     return root, layout or "auto"
 
 
+def _data_sources(settings: TrainSettings) -> list[tuple[str, str | None]]:
+    """(data spec, flow root or None) per --data; DpaError for missing roots or unpaired flow roots."""
+    if not settings.data:
+        raise DpaError("no training data: pass --data ROOT[:LAYOUT] (see `dpa synth` for a synthetic set)")
+    if settings.flow_roots and len(settings.flow_roots) != len(settings.data):
+        raise DpaError(f"{len(settings.flow_roots)} --flow-root for {len(settings.data)} --data: give one per "
+                       "--data, in the same order, or none")
+    flow_roots = settings.flow_roots or [None] * len(settings.data)
+    for spec, flow_root in zip(settings.data, flow_roots, strict=True):
+        for path, what in ((_split_root(spec)[0], "training data"), (flow_root, "flow root")):
+            if path is not None and not Path(path).exists():
+                raise DpaError(f"{what} {path} does not exist")
+    return list(zip(settings.data, flow_roots, strict=True))
+
+
+def _sequences(settings: TrainSettings, root: str, layout: str, flow_root: str | None):
+    from dpa.training import datasets
+
+    listing = datasets.load_sequences(root, layout=layout, split=settings.split, flow_root=flow_root)
+    return datasets.select_sequences(listing, settings.sequences, settings.exclude)
+
+
+def imagenet_frames(settings: TrainSettings, config: ModelConfig, count: int = 16) -> torch.Tensor:
+    """(count, 3, S, S) frames of the first --data root, spread over it: what a narrow encoder's ImageNet filters
+    are chosen on (`dpa.training.imagenet`)."""
+    from dpa.training import datasets
+
+    spec, flow_root = _data_sources(settings)[0]
+    root, layout = _split_root(spec)
+    if layout in ("duts", "auto") and datasets.detect_layout(root, settings.split) == "duts":
+        paths = [image for image, _ in datasets.load_duts(root)]
+    else:
+        paths = [path for sequence in _sequences(settings, root, layout, flow_root) for path in sequence.rgb]
+    return torch.from_numpy(datasets.sample_frames(paths, count, config.size))
+
+
 def build_dataset(settings: TrainSettings, config: ModelConfig) -> Dataset:
     """Stage 1: saliency images (DUTS); stage 2: clips (query + N references) from every root, mixed."""
     from dpa.training import datasets
 
-    if not settings.data:
-        raise DpaError("no training data: pass --data ROOT[:LAYOUT] (see `dpa synth` for a synthetic set)")
     parts = []
-    for spec in settings.data:
+    for spec, flow_root in _data_sources(settings):
         root, layout = _split_root(spec)
-        if not Path(root).exists():
-            raise DpaError(f"training data {root} does not exist")
         if settings.stage == 1:
             if layout == "auto":
                 resolved = datasets.detect_layout(root, settings.split)
@@ -172,10 +215,10 @@ def build_dataset(settings: TrainSettings, config: ModelConfig) -> Dataset:
             if resolved == "duts":
                 pairs = datasets.load_duts(root)
             else:  # video data used as still images
-                pairs = datasets.pairs_from_sequences(datasets.load_sequences(root, resolved, settings.split))
+                pairs = datasets.pairs_from_sequences(_sequences(settings, root, resolved, flow_root))
             parts.append(datasets.SaliencyDataset(pairs, config.size, augment=settings.augment, seed=settings.seed))
         else:
-            sequences = datasets.load_sequences(root, layout=layout, split=settings.split)
+            sequences = _sequences(settings, root, layout, flow_root)
             parts.append(
                 datasets.ClipDataset(
                     sequences, config.size, memory=config.memory, augment=settings.augment, seed=settings.seed
@@ -243,11 +286,22 @@ def copy_appearance_to_motion(model: DPA) -> None:
 
 
 def initial_model(settings: TrainSettings, config: ModelConfig) -> DPA:
+    """The seeded network, its encoders from the ImageNet VGG-16 (`--vgg-weights`; a narrow encoder keeps a subset
+    of the filters, chosen on frames of the training data), then the `--init` checkpoint's weights."""
+    from dpa.training.imagenet import FULL_CHANNELS, encoder_channels, load_imagenet_weights
+
     model = build_model(config, seed=settings.seed)
     if settings.vgg_weights:
-        state = torch.load(settings.vgg_weights, map_location="cpu", weights_only=True)
-        for encoder in model.encoders.values():
-            encoder.load_torchvision_state_dict(state)
+        try:
+            state = torch.load(settings.vgg_weights, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise DpaError(f"cannot read the VGG-16 weights {settings.vgg_weights}: {error}") from error
+        encoders = list(model.encoders.values())
+        narrow = tuple(encoder_channels(encoders[0])) != FULL_CHANNELS
+        subset = load_imagenet_weights(encoders, state, imagenet_frames(settings, config) if narrow else None)
+        if subset is not None:
+            log.info("ImageNet VGG-16: kept %s filters per layer, chosen by mean activation on frames of %s",
+                     "/".join(str(len(kept)) for kept in subset.kept), settings.data[0])
     if settings.init:
         payload = load_checkpoint(settings.init)
         load_state(model, payload["model"], source=payload["path"])
@@ -265,6 +319,10 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
     out = Path(settings.out)
     config = settings.model_config()
     device = training_device(settings, rank)
+    if settings.precision not in PRECISIONS:
+        raise DpaError(f"training precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
 
     # channels-last (NHWC) convolutions: 1.5x faster training steps for tiny on CPU here (0.93 s vs 1.40 s
@@ -314,7 +372,8 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
             freeze_batch_norm(model)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, settings)
-        loss = batch_loss(wrapped, batch, settings, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+            loss = batch_loss(wrapped, batch, settings, device)
         if not torch.isfinite(loss):
             raise DpaError(f"loss became {loss.item()} at step {step}: lower the learning rate or check the data")
         optimizer.zero_grad(set_to_none=True)
@@ -339,6 +398,9 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
                 running, unlogged = 0.0, 0
             if step % settings.save_every == 0 and step != stop:
                 _save(last, model, config, settings, optimizer, step)
+                if settings.keep_checkpoints:
+                    save_checkpoint(out / f"model-{step:06d}.pt", model, config, step=step,
+                                    train=dataclasses.asdict(settings), metrics={"loss": loss.item()})
     if bar is not None:
         bar.close()
     if metrics_file is not None:

@@ -22,9 +22,14 @@ from dpa.calibration.variants import (
     tensorrt_qdq_problems,
 )
 from dpa.cli import main
-from dpa.runtime.chain import StageChain, load_manifest
+from dpa.runtime.chain import StageChain
 from dpa.runtime.engines import open_engine
 from dpa.runtime.segmenter import segment_clip_offline
+
+
+def load_manifest(directory):
+    """The manifest file of an export folder, as JSON data."""
+    return json.loads((directory / "manifest.json").read_text())
 
 
 def test_calibrate_refuses_without_frames(tmp_path, capsys):
@@ -75,10 +80,10 @@ def test_variants_are_export_folders_that_run(calibrated, precision):
         assert manifest["graphs"][graph]["outputs"] == spec["outputs"]
         assert (calibrated / precision / spec["file"]).is_file()
     clip = load_labelled_clip("synthetic:11", fp32["size"], synthetic_length=5)
-    flows, _ = offline_flows(clip.frames)
-    with open_engine(calibrated, "onnxruntime", precision, "cpu", threads=2) as engine:
+    flows, _ = offline_flows(clip.frames, fp32["size"])
+    with open_engine(calibrated, "onnxruntime", precision, device="cpu", threads=2) as engine:
         assert engine.directory == calibrated / precision
-        results, _ = segment_clip_offline(StageChain(engine.sessions, engine.manifest), clip.frames, flows,
+        results, _ = segment_clip_offline(StageChain(engine), clip.frames, flows,
                                           keep_values=True)
     for result in results:
         assert result.probability.dtype == np.float32 and np.isfinite(result.probability).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -101,7 +102,7 @@ def test_feeds_round_trip(tmp_path):
     assert [sorted(feed) for feed in feeds] == [["flow", "rgb"], ["flow", "rgb"]]
     np.testing.assert_array_equal(feeds[1]["rgb"], np.arange(12, 24, dtype=np.float32).reshape(1, 3, 2, 2))
     assert len(list(loaded.feeds("encoder", limit=1))) == 1
-    manifest = {"model": {"weights_sha256": "other"}, "graphs": {}}
+    manifest = SimpleNamespace(model=SimpleNamespace(weights_sha256="other"), graphs={})
     with pytest.raises(DpaError, match="other weights"):
         check_feeds_match(loaded, manifest)
 

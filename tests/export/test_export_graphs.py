@@ -10,10 +10,14 @@ import onnx
 import pytest
 import torch
 
-from dpa.export import check, exporter, graphs
+from dpa.export import check, exporter
 from dpa.export.reference import PLUGIN_DOMAIN
 from dpa.files import file_sha256
-from dpa.runtime import chain
+from dpa.manifest import MANIFEST_FORMAT
+from dpa.runtime.chain import StageChain
+from dpa.runtime.engines import open_engine
+from dpa.training import stages
+from dpa.training.checkpoint import weights_sha256
 from dpa.training.config import get_config
 
 pytestmark = pytest.mark.slow  # one export of four graphs in three forms (~10 s on two busy cores)
@@ -42,13 +46,14 @@ def exported(tmp_path_factory):
 
 
 def test_manifest_describes_the_export(exported):
-    out, manifest, model = exported
+    out, typed, model = exported
+    manifest = typed.to_dict()
     assert manifest == json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == chain.MANIFEST_FORMAT
+    assert manifest["format"] == MANIFEST_FORMAT
     assert (manifest["opset"], manifest["precision"], manifest["batch"]) == (18, "fp32", 1)
     assert (manifest["size"], manifest["memory"]) == (SIZE, MEMORY)
     assert manifest["model"]["config"] == model.config.to_dict()
-    assert manifest["model"]["weights_sha256"] == exporter.weights_sha256(model)
+    assert manifest["model"]["weights_sha256"] == weights_sha256(model)
     assert manifest["checkpoint"]["random_init"] and manifest["checkpoint"]["init"] == "calibrated"
     assert manifest["checkpoint"]["sha256"] == file_sha256(out / manifest["checkpoint"]["path"])
     assert list(manifest["graphs"]) == ["encoder", "ima", "ifa_memory", "decoder"]
@@ -78,8 +83,8 @@ def test_manifest_describes_the_export(exported):
 
 def test_files_are_valid_static_and_in_their_form(exported):
     out, manifest, _ = exported
-    for graph in manifest["graphs"].values():
-        for form, file in graph["files"].items():
+    for graph in manifest.graphs.values():
+        for form, file in graph.files.items():
             model = onnx.load(out / file)
             onnx.checker.check_model(model, full_check=True)
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
@@ -102,15 +107,15 @@ def test_each_graph_matches_pytorch_in_isolation(exported):
     out, manifest, model = exported
     import onnxruntime as ort
 
-    wrappers = graphs.stage_graphs(model)
-    examples = graphs.example_inputs(model, wrappers, seed=7)  # noise frames: far from the calibration data
+    wrappers = stages.stage_graphs(model)
+    examples = stages.example_inputs(model, wrappers, seed=7)  # noise frames: far from the calibration data
     for name, wrapper in wrappers.items():
         with torch.no_grad():
             expected = wrapper(*examples[name])
         expected = expected if isinstance(expected, tuple) else (expected,)
         feed = {n: t.numpy() for n, t in zip(wrapper.input_names, examples[name], strict=True)}
         for form in ("functions", "portable"):
-            session = ort.InferenceSession(str(out / manifest["graphs"][name]["files"][form]),
+            session = ort.InferenceSession(str(out / manifest.graphs[name].files[form]),
                                            providers=["CPUExecutionProvider"])
             for actual, reference in zip(session.run(None, feed), expected, strict=True):
                 reference = reference.numpy()
@@ -156,16 +161,15 @@ def test_memory_validity_k_of_n(exported):
 
 def test_chain_admits_entries_and_uses_the_frame_itself_when_empty(exported):
     """The torch-free chain: an empty bank means the current frame is its own single reference (as PyTorch)."""
-    out, manifest, model = exported
-    sessions, _ = chain.onnxruntime_sessions(out, manifest, threads=1)
-    stage_chain = chain.StageChain(sessions, manifest)
+    out, _, model = exported
+    stage_chain = StageChain(open_engine(out, device="cpu", threads=1))
     generator = torch.Generator().manual_seed(3)
     rgb, flow = torch.randn(1, 3, SIZE, SIZE, generator=generator), torch.rand(1, 3, SIZE, SIZE, generator=generator)
-    values = stage_chain.process(rgb.numpy(), flow.numpy(), chain.MemoryBank(manifest))
+    values = stage_chain.process(rgb.numpy(), flow.numpy(), stage_chain.new_bank())
     with torch.no_grad():
         expected = torch.sigmoid(model(rgb, flow)["p1"])[0, 0].numpy()
     assert np.abs(stage_chain.probability(values) - expected).max() <= 1e-4
-    bank = chain.MemoryBank(manifest)
+    bank = stage_chain.new_bank()
     bank.write(1, stage_chain.memory_entry(stage_chain.frame_values(rgb.numpy(), flow.numpy())))
     assert bank.count == 1 and bank.valid.tolist() == [[0.0, 1.0, 0.0]]
     again = stage_chain.process(rgb.numpy(), flow.numpy(), bank)
@@ -184,7 +188,7 @@ def test_ablation_configs(tmp_path, preset, graph_names, custom):
     config = get_config(preset, size=SIZE, memory=2, width=0.125)
     model, weights = exporter.model_for_export(None, preset, SIZE, 2, init="calibrated", out=tmp_path, width=0.125)
     assert model.config == config
-    manifest = exporter.export_stage_graphs(model, tmp_path, weights, forms=("functions",))
+    manifest = exporter.export_stage_graphs(model, tmp_path, weights, forms=("functions",)).to_dict()
     assert list(manifest["graphs"]) == graph_names
     for name, counts in custom.items():
         assert manifest["graphs"][name]["custom_nodes"]["functions"] == counts

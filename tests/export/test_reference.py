@@ -181,8 +181,9 @@ def _check_real(torch_op, reference_op, inputs: list[torch.Tensor], largest_logi
 def _check_ops_on_real_features(model, davis16) -> int:
     """The ops' inputs as a model really produces them on blackswan frames (DIS flow): IMA4/IMA5 squeezed
     features, IMA keys/values and IFA memory entries. Returns the number of comparisons."""
+    from dpa.images import read_rgb
     from dpa.runtime.flow import create_flow_estimator, flow_to_rgb
-    from dpa.runtime.preprocess import preprocess_flow, preprocess_rgb, read_rgb
+    from dpa.runtime.preprocess import preprocess_flow, preprocess_rgb
     from dpa.training.model import MODALITIES
 
     size = model.config.size

@@ -178,7 +178,7 @@ def test_reference_code_reencodes_the_n_references_for_every_query_frame(tiny_mo
 
     memory_size = tiny_model.config.memory
     frames = bench.bench_clip(64, TIMING["warmup"] + TIMING["frames"], seed=3)
-    flows = bench.live_flows(frames)
+    flows = bench.live_flows(frames, 64)
     settings = TimingSettings(**TIMING, threads=1, progress=False)
     counts, handles = _count_encoder_passes(tiny_model)
     try:

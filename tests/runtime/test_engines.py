@@ -11,28 +11,24 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from dpa.cli import main
 from dpa.errors import DpaError
+from dpa.manifest import PRECISIONS, GraphSpec, Manifest, ModelRecord, Pipeline, Step, TensorSpec, WeightsRecord
 from dpa.runtime import cli as runtime_cli
-from dpa.runtime.chain import MemoryBank, StageChain, onnxruntime_sessions
-from dpa.runtime.engines import (
-    BACKENDS,
+from dpa.runtime.chain import StageChain
+from dpa.runtime.engine import Engine, check_engine, resolve_variant, zero_feed
+from dpa.runtime.engines import BACKENDS, open_engine, visible_gpus
+from dpa.runtime.onnxruntime_engine import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
-    PRECISIONS,
     TENSORRT_PROVIDER,
-    Engine,
-    check_engine,
     choose_onnxruntime_form,
     choose_providers,
-    open_engine,
-    resolve_variant,
-    visible_gpus,
-    zero_feed,
 )
 from dpa.runtime.tensorrt_engine import (
     BuildSettings,
@@ -57,21 +53,33 @@ def exported(tmp_path_factory):
     return out
 
 
-def frames(manifest: dict, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def frames(manifest: Manifest, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Pre-processed-looking (rgb, flow) pairs, each (3, S, S) float32."""
     rng = np.random.default_rng(seed)
-    size = manifest["size"]
+    size = manifest.size
     return [(rng.standard_normal((3, size, size), np.float32), rng.standard_normal((3, size, size), np.float32))
             for _ in range(count)]
 
 
-def run_clip(sessions, manifest: dict, clip) -> list[dict[str, np.ndarray]]:
-    """Every value of every frame; the first frame's entry goes into slot 0 of the memory after frame 0."""
-    chain = StageChain(sessions, manifest)
-    bank = MemoryBank(manifest)
+class PlainRunner:
+    """A runner answered through its host path (`infer`: numpy in and out, a plain session.run on ONNX Runtime)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.name, self.input_names, self.output_names = runner.name, runner.input_names, runner.output_names
+
+    def run_resident(self, feed):
+        return self.runner.infer({name: np.asarray(value) for name, value in feed.items()})
+
+
+def run_clip(engine: Engine, clip) -> list[dict[str, np.ndarray]]:
+    """Every value of every frame (as host arrays); the first frame's entry goes into slot 0 of the memory after
+    frame 0."""
+    chain = StageChain(engine)
+    bank = chain.new_bank()
     values = []
     for index, (rgb, flow) in enumerate(clip):
-        values.append(chain.process(rgb, flow, bank))
+        values.append(chain.download(chain.process(rgb, flow, bank)))
         if index == 0:
             bank.write(0, {name.split("/", 1)[1]: array for name, array in values[0].items()
                            if name.startswith("ifa_memory/")})
@@ -82,15 +90,16 @@ def run_clip(sessions, manifest: dict, clip) -> list[dict[str, np.ndarray]]:
 
 @pytest.mark.slow
 def test_onnxruntime_engine_equals_plain_sessions(exported):
-    """The engine's runners give bit-identical values to chain.onnxruntime_sessions, every value of every frame,
-    with an empty and a filled memory bank."""
+    """The chain's resident path (OrtValues through I/O binding, the memory bank uploaded once) gives bit-identical
+    values to plain session.run calls on host arrays, every value of every frame, with an empty and a filled
+    memory bank."""
     with open_engine(exported, device="cpu", threads=1) as engine:
         assert (engine.backend, engine.precision, engine.device, engine.form) == ("onnxruntime", "fp32", "cpu",
                                                                                   "functions")
         clip = frames(engine.manifest, 2)
-        ours = run_clip(engine.sessions, engine.manifest, clip)
-        sessions, _ = onnxruntime_sessions(exported, engine.manifest, threads=1)
-        reference = run_clip(sessions, engine.manifest, clip)
+        ours = run_clip(engine, clip)
+        plain = engine.with_runners({name: PlainRunner(runner) for name, runner in engine.runners.items()})
+        reference = run_clip(plain, clip)
     for frame_ours, frame_reference in zip(ours, reference, strict=True):
         assert frame_ours.keys() == frame_reference.keys()
         for name in frame_reference:
@@ -101,11 +110,11 @@ def test_onnxruntime_engine_equals_plain_sessions(exported):
 @pytest.mark.slow
 def test_runner_infer_names_timing_and_describe(exported, tmp_path):
     engine = open_engine(exported, device="cpu", threads=1, cache_dir=tmp_path)
-    for name, graph in engine.manifest["graphs"].items():
-        runner = engine.sessions[name]
-        outputs = runner.infer(zero_feed(graph))
-        assert list(outputs) == [tensor["name"] for tensor in graph["outputs"]]
-        assert all(outputs[t["name"]].shape == tuple(t["shape"]) for t in graph["outputs"])
+    for name, graph in engine.manifest.graphs.items():
+        runner = engine.runners[name]
+        outputs = runner.infer(zero_feed(graph.inputs))
+        assert list(outputs) == graph.output_names
+        assert all(outputs[t.name].shape == t.shape for t in graph.outputs)
         assert runner.last_seconds > 0
     described = engine.describe()
     assert described["backend"] == "onnxruntime" and described["providers"] == [CPU_PROVIDER]
@@ -113,7 +122,7 @@ def test_runner_infer_names_timing_and_describe(exported, tmp_path):
     assert described["graphs"]["decoder"]["file"].endswith("decoder.onnx")
     json.dumps(described)
     engine.close()
-    assert engine.sessions == {}
+    assert engine.runners == {}
 
 
 @pytest.mark.slow
@@ -165,8 +174,8 @@ def test_onnxruntime_form_choice():
 
 
 def test_nan_in_an_output_is_reported_with_the_graph(tmp_path):
-    graph = {"inputs": [{"name": "x", "shape": [1, 2], "dtype": "float32"}],
-             "outputs": [{"name": "y", "shape": [1, 2], "dtype": "float32"}]}
+    graph = GraphSpec("decoder", {"functions": "decoder.onnx"}, (TensorSpec("x", (1, 2), "float32"),),
+                      (TensorSpec("y", (1, 2), "float32"),))
 
     class NanRunner:
         last_seconds = 0.001
@@ -174,8 +183,9 @@ def test_nan_in_an_output_is_reported_with_the_graph(tmp_path):
         def infer(self, feed):
             return {"y": np.array([[0.0, np.nan]], np.float32)}
 
-    engine = Engine("onnxruntime", "fp16", "cpu", tmp_path, {"graphs": {"decoder": graph}}, {"decoder": NanRunner()},
-                    {}, "functions", [CPU_PROVIDER], {})
+    engine = Engine(backend="onnxruntime", precision="fp16", device="cpu", directory=tmp_path,
+                    manifest=SimpleNamespace(graphs={"decoder": graph}), runners={"decoder": NanRunner()},
+                    form="functions", providers=[CPU_PROVIDER])
     with pytest.raises(DpaError, match="graph decoder output y: 1 of 2 values are NaN or Inf"):
         check_engine(engine)
 
@@ -183,9 +193,14 @@ def test_nan_in_an_output_is_reported_with_the_graph(tmp_path):
 # --- precision variants --------------------------------------------------------------------------------------
 
 def write_manifest(directory, precision):
+    """A minimal valid manifest of `precision`: one graph from the frame to the probability."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "manifest.json").write_text(json.dumps({"format": "dpa-stage-graphs/1", "precision": precision,
-                                                         "graphs": {}, "forms": ["functions"]}))
+    graph = GraphSpec("decoder", {"functions": "decoder.onnx"}, (TensorSpec("rgb", (1, 3, 32, 32), "float32"),),
+                      (TensorSpec("probability", (1, 1, 32, 32), "float32"),))
+    Manifest(size=32, memory=1, graphs={"decoder": graph}, precision=precision,
+             pipeline=Pipeline(("rgb",), (Step("decoder", {"rgb": "frame/rgb"}),), "decoder/probability"),
+             model=ModelRecord({"name": "test"}, 1, "0" * 64), checkpoint=WeightsRecord("random", seed=0)
+             ).save(directory)
 
 
 def test_resolve_variant(tmp_path):
@@ -308,10 +323,10 @@ def tensorrt_gpu():
 
 
 def probability_error(engine, exported, clip) -> float:
-    sessions, _ = onnxruntime_sessions(exported, engine.manifest)
-    ours = run_clip(engine.sessions, engine.manifest, clip)
-    reference = run_clip(sessions, engine.manifest, clip)
-    output = engine.manifest["pipeline"]["output"]
+    ours = run_clip(engine, clip)
+    with open_engine(exported, device="cpu") as onnxruntime:
+        reference = run_clip(onnxruntime, clip)
+    output = engine.manifest.pipeline.output
     return max(float(np.abs(a[output] - b[output]).max()) for a, b in zip(ours, reference, strict=True))
 
 
@@ -345,8 +360,8 @@ def test_tensorrt_uses_the_plugin_library_for_the_plugin_form(tensorrt_gpu, expo
         pytest.skip(f"{library} was built without the TensorRT plugins")
     with open_engine(exported, backend="tensorrt", cache_dir=tmp_path, plugin_library=library) as engine:
         assert engine.form == "plugin" and engine.describe()["plugin_library"] == str(library)
-        for name, graph in engine.manifest["graphs"].items():
-            custom = sum(graph["custom_nodes"]["plugin"].values())
+        for name, graph in engine.manifest.graphs.items():
+            custom = sum(graph.custom_nodes["plugin"].values())
             assert engine.loads[name].plugin_layers == custom, name
         assert probability_error(engine, exported, frames(engine.manifest, 3)) <= 1e-4
 

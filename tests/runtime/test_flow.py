@@ -16,6 +16,7 @@ from dpa.runtime.flow import (
     flow_to_rgb,
     live_flow,
     make_colorwheel,
+    model_flow_estimator,
     offline_flow,
 )
 
@@ -133,8 +134,11 @@ def test_dis_recovers_translation(size):
     frame_from = canvas[40:200, 40:200]
     frame_to = canvas[40 - shift_y:200 - shift_y, 40 - shift_x:200 - shift_x]
     flow = DISFlow("medium", size=size)(frame_from, frame_to)
-    assert flow.shape == (160, 160, 2) and flow.dtype == np.float32
-    interior = flow[32:-32, 32:-32].reshape(-1, 2)
+    # On the working grid, with vectors in pixels of the 160 px frames.
+    grid = size or 160
+    assert flow.shape == (grid, grid, 2) and flow.dtype == np.float32
+    margin = grid // 5
+    interior = flow[margin:-margin, margin:-margin].reshape(-1, 2)
     assert np.all(np.abs(np.median(interior, axis=0) - [shift_x, shift_y]) < 0.5)
     assert np.mean(np.linalg.norm(interior - [shift_x, shift_y], axis=1) < 0.5) > 0.9
 
@@ -198,3 +202,20 @@ def test_live_flow_points_forward_like_offline():
 def test_runtime_modules_do_not_import_torch():
     code = "import sys, dpa.runtime.flow, dpa.runtime.preprocess; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_model_flow_is_on_the_model_grid_with_vectors_in_frame_pixels():
+    """The one definition (training data, offline inference, runtime): DIS on the frames resized to S×S; the field
+    stays on that grid, its vectors in pixels of the (here non-square) frames, so directions are the frames'."""
+    canvas = _textured_image(400)
+    shift_x, shift_y = 6, -3  # pixels of the 240×144 frames
+    frame_from = canvas[100:244, 80:320]
+    frame_to = canvas[100 - shift_y:244 - shift_y, 80 - shift_x:320 - shift_x]
+    estimator = model_flow_estimator(96, preset="medium")
+    flow = estimator(frame_from, frame_to)
+    assert flow.shape == (96, 96, 2) and flow.dtype == np.float32
+    interior = flow[20:-20, 20:-20].reshape(-1, 2)
+    assert np.all(np.abs(np.median(interior, axis=0) - [shift_x, shift_y]) < 0.6)
+    # A frame without a neighbour gets zero flow on the same grid.
+    assert live_flow(None, frame_from, estimator).shape == (96, 96, 2)
+    assert offline_flow([frame_from], 0, estimator).shape == (96, 96, 2)

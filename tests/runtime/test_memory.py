@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from dpa.errors import DpaError
-from dpa.runtime.memory import OfflinePolicy, UniformPolicy, frames_for_references, mask_confidence
+from dpa.runtime.memory import OfflinePolicy, UniformPolicy, mask_confidence
+from dpa.sampling import frames_for_references
 
 
 def test_offline_sampling_formula():

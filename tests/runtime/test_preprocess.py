@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from dpa.errors import DpaError
-from dpa.runtime.preprocess import postprocess_probability, preprocess_flow, preprocess_rgb, read_rgb, write_rgb
+from dpa.images import read_rgb, write_rgb
+from dpa.runtime.preprocess import postprocess_probability, preprocess_flow, preprocess_rgb
 
 
 def test_rgb_normalisation_on_a_constant_image():

@@ -36,7 +36,7 @@ def test_offline_run_matches_pytorch_on_blackswan(davis16, tiny_export, tmp_path
     import cv2
 
     from dpa.export.frames import load_clip
-    from dpa.runtime.flow import create_flow_estimator, flow_to_rgb, offline_flow
+    from dpa.runtime.flow import flow_to_rgb, model_flow_estimator, offline_flow
     from dpa.runtime.preprocess import postprocess_probability
     from dpa.training.checkpoint import load_model
     from dpa.training.inference import OfflinePredictor, preprocess_video
@@ -49,9 +49,9 @@ def test_offline_run_matches_pytorch_on_blackswan(davis16, tiny_export, tmp_path
     assert stats["memory"]["policy"] == "offline" and stats["memory"]["references"] == [0, 16, 32, 49]
     assert stats["flow"].startswith("offline: forward flow")
 
-    estimator = create_flow_estimator("dis")
-    flows = [flow_to_rgb(offline_flow(clip.frames, i, estimator)) for i in range(len(clip.frames))]
     model, _ = load_model("tiny")
+    estimator = model_flow_estimator(model.config.size)  # what `dpa run` computes: DIS at the model's S
+    flows = [flow_to_rgb(offline_flow(clip.frames, i, estimator)) for i in range(len(clip.frames))]
     rgb, flow = preprocess_video(clip.frames, flows, model.config.size)
     probabilities = OfflinePredictor(model).predict(rgb, flow)
     ious = []

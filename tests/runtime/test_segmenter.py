@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 
-from dpa.runtime.chain import StageChain, load_manifest, onnxruntime_sessions
+from dpa.runtime.chain import StageChain
+from dpa.runtime.engines import open_engine
 from dpa.runtime.flow import create_flow_estimator, live_flow, offline_flow
 from dpa.runtime.memory import UniformPolicy
 from dpa.runtime.preprocess import postprocess_probability
 from dpa.runtime.segmenter import Segmenter, segment_clip_offline
-from dpa.training.synth import generate_clip
+from dpa.synthetic import generate_clip
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -18,9 +19,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def chain(tiny_export):
-    manifest = load_manifest(tiny_export)
-    sessions, _ = onnxruntime_sessions(tiny_export, manifest)
-    return StageChain(sessions, manifest)
+    return StageChain(open_engine(tiny_export, device="cpu"))
 
 
 def test_offline_segmentation_equals_pytorch(chain):

@@ -277,7 +277,7 @@ def test_test_pattern_delivers_exactly_the_requested_frames():
 
 @needs("appsrc", "appsink")
 def test_synthetic_source_is_lossless():
-    from dpa.training.synth import generate_clip
+    from dpa.synthetic import generate_clip
 
     expected, _ = generate_clip(np.random.default_rng(3), 12, 66)  # 66 px: rows of 198 bytes, padded to 200
     with VideoSource("test://synthetic?seed=3&frames=12&size=66&live=0") as source:

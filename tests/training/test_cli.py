@@ -63,8 +63,8 @@ def test_offline_predictor_uses_the_paper_reference_frames():
     generator = np.random.default_rng(0)
     rgb = generator.standard_normal((12, 3, 64, 64)).astype(np.float32)
     flow = generator.random((12, 3, 64, 64)).astype(np.float32)
-    predictor = OfflinePredictor(model, batch_size=5)
-    _, _, indices = predictor.memory_for(rgb, flow)
+    predictor = OfflinePredictor(model)
+    indices = predictor.references(len(rgb))
     assert indices == [0, 3, 7, 11]
     probabilities = predictor.predict(rgb, flow)
     references = torch.from_numpy(rgb[indices])[None], torch.from_numpy(flow[indices])[None]

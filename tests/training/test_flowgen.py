@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from dpa.cli import main
+from dpa.images import read_rgb, write_rgb
 from dpa.runtime.flow import DISFlow, flow_to_rgb, offline_flow
-from dpa.runtime.preprocess import read_rgb, write_rgb
-from dpa.training.synth import clip_rng, generate_clip, write_dataset
+from dpa.synthetic import clip_rng, generate_clip
+from dpa.training.synth import write_dataset
 
 FRAMES = ("00000", "00001", "00002")
 
@@ -22,9 +23,10 @@ def _write_clip(folder, index, names=FRAMES, template="{}.jpg"):
         write_rgb(folder / template.format(name), frame)
 
 
-def _expected(frame_paths):
+def _expected(frame_paths, size=352):
+    """The flow images `dpa flow` writes by default: DIS on the frames resized to the paper's S = 352, at 352."""
     frames = [read_rgb(path) for path in frame_paths]
-    dis = DISFlow("fast")
+    dis = DISFlow("fast", size=size)
     return [flow_to_rgb(offline_flow(frames, t, dis)) for t in range(len(frames))]
 
 
@@ -108,7 +110,7 @@ def test_unreadable_frames_are_skipped_and_counted(tmp_path, capsys, caplog):
 
 def test_reproduces_the_flow_dpa_synth_wrote(tmp_path):
     write_dataset(tmp_path / "synth", clips=2, frames=3, size=48, seed=9, progress=False)
-    assert main(["flow", "--data", str(tmp_path / "synth"), "--layout", "preprocessed",
+    assert main(["flow", "--data", str(tmp_path / "synth"), "--layout", "preprocessed", "--work-size", "48",
                  "--out", str(tmp_path / "again")]) == 0
     for written in sorted((tmp_path / "synth" / "train" / "FLOW").rglob("*.png")):
         again = tmp_path / "again" / written.relative_to(tmp_path / "synth")

@@ -8,9 +8,10 @@ import pytest
 
 from dpa.cli import main
 from dpa.errors import DpaError
+from dpa.images import read_rgb
 from dpa.runtime.flow import DISFlow, flow_to_rgb, offline_flow
-from dpa.runtime.preprocess import read_rgb
-from dpa.training.synth import clip_rng, generate_clip, sample_scene, write_dataset
+from dpa.synthetic import clip_rng, generate_clip, sample_scene
+from dpa.training.synth import write_dataset
 
 
 def test_same_seed_same_clip_different_seed_different_clip():

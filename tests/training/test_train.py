@@ -203,3 +203,40 @@ def test_logged_loss_averages_the_steps_since_the_last_record_across_a_resume(sy
     # The split run logs step 3 alone (its stop) and step 4 alone (the first step after the resume).
     assert (split[3] + split[4]) / 2 == pytest.approx(straight[4], rel=1e-9)
     assert split[6] == pytest.approx(straight[6], rel=1e-9)
+
+
+def test_vgg_weights_initialise_a_narrow_encoder_from_frames_of_the_training_data(synth_root, tmp_path):
+    from dpa.training.imagenet import CONV_INDICES, FULL_CHANNELS, vgg16_subset
+    from dpa.training.train import imagenet_frames, initial_model
+
+    generator = torch.Generator().manual_seed(0)
+    state, inputs = {}, 3
+    for index, channels in zip(CONV_INDICES, FULL_CHANNELS, strict=True):
+        state[f"features.{index}.weight"] = torch.randn(channels, inputs, 3, 3, generator=generator) * 0.05
+        state[f"features.{index}.bias"] = torch.randn(channels, generator=generator) * 0.1
+        inputs = channels
+    torch.save(state, tmp_path / "vgg16.pth")
+    settings = _settings(synth_root, tmp_path / "run", vgg_weights=str(tmp_path / "vgg16.pth"))
+    config = settings.model_config()
+    frames = imagenet_frames(settings, config)
+    assert frames.shape == (16, 3, 64, 64)
+    model = initial_model(settings, config)
+    channels = [conv.out_channels for conv in model.encoders["motion"].convolutions()]
+    expected = vgg16_subset(state, channels, frames)
+    for encoder in model.encoders.values():
+        for conv, weight in zip(encoder.convolutions(), expected.weights, strict=True):
+            assert torch.equal(conv.weight.detach(), weight)
+
+
+def test_data_options_are_checked(synth_root, tmp_path):
+    from dpa.errors import DpaError
+    from dpa.training.train import build_dataset
+
+    settings = _settings(synth_root, tmp_path / "run")
+    with pytest.raises(DpaError, match="1 --flow-root for 2 --data"):
+        build_dataset(dataclasses.replace(settings, data=[str(synth_root)] * 2, flow_roots=["x"]),
+                      settings.model_config())
+    with pytest.raises(DpaError, match="no sequence named clip9"):
+        build_dataset(dataclasses.replace(settings, exclude=["clip9"]), settings.model_config())
+    kept = build_dataset(dataclasses.replace(settings, exclude=["clip0000"]), settings.model_config())
+    assert sorted({sequence.name for sequence in kept.sequences}) == ["clip0001", "clip0002"]

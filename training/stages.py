@@ -1,4 +1,7 @@
-"""The stage graphs (SPEC §4.1) as export wrappers: one small module per graph, tensors in, tensors out.
+"""The stage graphs (SPEC §4.1) as wrapper modules: one small module per graph, tensors in, tensors out.
+
+`dpa export` writes them as ONNX (`dpa.export.exporter`); `dpa.training.torch_engine` runs them as the PyTorch
+backend, so PyTorch chains the same graphs with the same names as ONNX Runtime and TensorRT do.
 
 Each wrapper reuses the model's own stage method (`encode`, `ima_block5`, `memory_entry`, `decode`) and
 fixes the names and order of its inputs and outputs; batch 1 everywhere. Which graphs exist depends on the

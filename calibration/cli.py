@@ -44,29 +44,14 @@ def _calibrate_arguments(parser: argparse.ArgumentParser) -> None:
 @command("calibrate", "record calibration feeds from real frames and write the fp16 and int8 (Q/DQ) graph variants",
          arguments=_calibrate_arguments)
 def run_calibrate(args: argparse.Namespace) -> int:
-    from dpa.calibration.clips import load_labelled_clips
-    from dpa.calibration.feeds import FEEDS_FOLDER, record_feeds, save_feeds
-    from dpa.calibration.variants import VARIANT_PRECISIONS, write_variant
-    from dpa.errors import DpaError
-    from dpa.manifest import Manifest
+    from dpa.calibration.calibrate import calibrate
 
-    if not args.frames:
-        raise DpaError("calibration needs real frames: pass --frames with clip folders or synthetic:SEED "
-                       "(random data is never used)")
-    unknown = [p for p in args.precisions if p not in VARIANT_PRECISIONS]
-    if unknown or not args.precisions:
-        raise DpaError(f"--precisions {','.join(args.precisions)}: choose from {', '.join(VARIANT_PRECISIONS)}")
-    manifest = Manifest.load(args.export_dir)
-    out = Path(args.out or args.export_dir)
-    clips = load_labelled_clips(args.frames, manifest.size, args.synthetic_length, args.max_frames)
-    log.info("calibrating on %d clips (%d frames): %s", len(clips), sum(c.length for c in clips),
-             ", ".join(c.name for c in clips))
-    feeds = record_feeds(args.export_dir, clips, threads=args.threads)
-    index = save_feeds(feeds, out / FEEDS_FOLDER)
-    print(f"feeds: {index} ({', '.join(f'{g} {feeds.count(g)}' for g in feeds.graphs)})")
-    for precision in args.precisions:
-        target = write_variant(args.export_dir, out, precision, feeds, method=args.method, exclude=args.exclude,
-                               threads=args.threads)
+    result = calibrate(args.export_dir, args.frames or [], out=args.out, precisions=args.precisions,
+                       method=args.method, exclude=args.exclude, max_frames=args.max_frames,
+                       synthetic_length=args.synthetic_length, threads=args.threads)
+    feeds = result.feeds
+    print(f"feeds: {result.feeds_index} ({', '.join(f'{g} {feeds.count(g)}' for g in feeds.graphs)})")
+    for precision, target in result.variants.items():
         print(f"{precision}: {target / 'manifest.json'}")
     return 0
 

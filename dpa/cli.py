@@ -15,8 +15,8 @@ COMMAND_MODULES = (
     "dpa.training.cli",
     "dpa.export.cli",
     "dpa.runtime.cli",
-    "dpa.runtime.bench_cli",
     "dpa.calibration.cli",
+    "dpa.commands.cli",
 )
 
 

@@ -160,37 +160,3 @@ def run_stream(args: argparse.Namespace) -> int:
     if outcome.error:
         raise DpaError(outcome.error)
     return outcome.exit_code
-
-
-def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
-    parser.add_argument("--checkpoint", default="tiny", metavar="CKPT",
-                        help="checkpoint to export and run (default: the shipped tiny model)")
-    parser.add_argument("--export", metavar="DIR", help="use these exported graphs instead of exporting --checkpoint")
-    parser.add_argument("--source", metavar="URI",
-                        help="source (default: a live synthetic clip streamed through GStreamer, "
-                        "test://synthetic?seed=2026&frames=96&size=256&fps=15, scored against its exact masks)")
-    add_engine_arguments(parser)
-    parser.set_defaults(backend="auto")
-
-
-@command("demo", "the main job on its embedded default: export the shipped tiny model, run the live loop on a "
-         "synthetic clip through GStreamer, write an annotated video and a report", arguments=_demo_arguments)
-def run_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from dpa.errors import DpaError
-    from dpa.runtime.demo import DEFAULT_SOURCE, run_demo
-
-    report, code = run_demo(Path(args.out), checkpoint=args.checkpoint, source=args.source or DEFAULT_SOURCE,
-                            export=Path(args.export) if args.export else None, engine_args=args, say=print)
-    if "scores" in report:
-        scores = report["scores"]
-        print(f"J {scores['J_mean']:.3f}  F {scores['F_mean']:.3f}  G {scores['G']:.3f} against the exact masks "
-              f"({scores['frames_scored']} frames)")
-    print(f"{report['frames']} frames, {report['fps']:.1f} fps, {report['dropped']} dropped")
-    for what, path in report["outputs"].items():
-        print(f"{what}: {path}")
-    if report.get("error"):
-        raise DpaError(report["error"])
-    return code

@@ -1,9 +1,6 @@
-"""PyTorch timers for `dpa bench`: the eager model with cached memory, and a re-enactment of the public reference
-code's inference cost, on the frames and flow the runtime benchmark uses (`dpa.runtime.bench`).
-
-Eager with cached memory (`eager_frame`): per query frame `encode` + `ima_block5` + `decode` against a memory of
-the N reference entries computed once, batch 1, under `torch.inference_mode`, with as many threads as ONNX
-Runtime gets. This is what the deployment does per frame, in PyTorch.
+"""The public reference code's inference cost re-enacted in PyTorch for `dpa bench`, on the frames and flow the
+runtime benchmark uses (`dpa.runtime.benchmark`). (PyTorch eager with cached memory is the pytorch backend through
+the runtime's own chain: `dpa.commands.bench.eager_timer`.)
 
 The reference-code re-enactment (`reference_code_frame`) repeats, per query frame, the work the public DPA code
 (github.com/Hydragon516/DPA, `model/model_for_video.py`) does in every call of its `forward(image, flow,
@@ -28,32 +25,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from dpa.errors import DpaError
-from dpa.runtime.bench import Samples, Timer, TimingSettings, per_frame_means
+from dpa.runtime.benchmark.timers import Samples, Timer, TimingSettings, advance, per_frame_means
 from dpa.sampling import frames_for_references
 from dpa.training.model import DPA, MODALITIES
-
-
-def torch_device(name: str) -> str:
-    """A PyTorch device name for the benchmark: "cpu", or "cuda"/"cuda:N" when CUDA is usable (DpaError if not)."""
-    kind = name.split(":", 1)[0]
-    if kind == "cpu":
-        return "cpu"
-    if kind != "cuda":
-        raise DpaError(f"--device {name}: the PyTorch side runs on cpu or cuda[:N]")
-    if not torch.cuda.is_available():
-        raise DpaError(f"--device {name}: this PyTorch ({torch.__version__}) sees no CUDA GPU "
-                       "(torch.cuda.is_available() is False); run on a machine with an NVIDIA GPU and a CUDA build of "
-                       "PyTorch, or benchmark with --device cpu")
-    index = int(name.split(":", 1)[1]) if ":" in name else 0
-    if index >= torch.cuda.device_count():
-        raise DpaError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return name
 
 
 def describe(device: str, threads: int | None) -> dict:
@@ -73,15 +52,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def model_of_export(directory: str | Path) -> DPA:
-    """The PyTorch model an export directory was made from (its manifest's weights, hash-checked), in eval mode."""
-    from dpa.manifest import Manifest
-    from dpa.training.checkpoint import exported_model
-
-    model, _ = exported_model(directory, Manifest.load(directory))
-    return model.eval()
 
 
 class StageClock:
@@ -122,25 +92,10 @@ def stack_entries(model: DPA, entries: Sequence[dict]) -> tuple[dict, torch.Tens
     return memory, valid
 
 
-def cached_memory(model: DPA, reference_rgb: torch.Tensor, reference_flow: torch.Tensor,
-                  clock: StageClock | None = None) -> tuple[dict | None, torch.Tensor | None]:
-    """The memory of N reference frames (N, 3, S, S) as the deployment caches it: each frame's entry from its own
-    block-5 features (encode + memory_entry). Returns (None, None) for a configuration without IFA. `clock`
-    times the entries (stage "memory_entry"), not the encoding."""
-    if not model.config.uses_ifa:
-        return None, None
-    entries = []
-    for index in range(reference_rgb.shape[0]):
-        encoded = model.encode(reference_rgb[index:index + 1], reference_flow[index:index + 1])
-        with clock.stage("memory_entry") if clock else contextlib.nullcontext():
-            entries.append(model.memory_entry(encoded.f5))
-    return stack_entries(model, entries)
-
-
-def eager_frame(model: DPA, rgb: torch.Tensor, flow: torch.Tensor, memory: dict | None, valid: torch.Tensor | None,
+def query_frame(model: DPA, rgb: torch.Tensor, flow: torch.Tensor, memory: dict | None, valid: torch.Tensor | None,
                 clock: StageClock) -> torch.Tensor:
-    """One query frame (1, 3, S, S) x2 against a cached memory -> probability (1, 1, S, S); stages encoder, ima,
-    decoder (the same cut as the stage graphs)."""
+    """One query frame (1, 3, S, S) x2 against a memory -> probability (1, 1, S, S); stages encoder, ima, decoder
+    (the same cut as the stage graphs)."""
     with clock.stage("encoder"):
         encoded = model.encode(rgb, flow)
     ima5 = None
@@ -164,7 +119,7 @@ def reference_code_frame(model: DPA, rgb: torch.Tensor, flow: torch.Tensor, refe
                          reference_flow: torch.Tensor, clock: StageClock) -> torch.Tensor:
     """One query frame (1, 3, S, S) x2 the way the public code computes it (see the module docstring): the N
     reference frames (N, 3, S, S) x2 re-encoded one by one through both encoders (stage "references"), their
-    memory entries recomputed (stage "reference_memory"), then the query (`eager_frame`). Returns the
+    memory entries recomputed (stage "reference_memory"), then the query (`query_frame`). Returns the
     probability (1, 1, S, S)."""
     memory = valid = None
     if model.config.uses_ifa:
@@ -175,19 +130,22 @@ def reference_code_frame(model: DPA, rgb: torch.Tensor, flow: torch.Tensor, refe
                         for n in range(count)]
         with clock.stage("reference_memory"):
             memory, valid = stack_entries(model, [model.memory_entry(f5) for f5 in features])
-    return eager_frame(model, rgb, flow, memory, valid, clock)
+    return query_frame(model, rgb, flow, memory, valid, clock)
 
 
-def _frames_timer(model: DPA, frames: Sequence[np.ndarray], flows: Sequence[np.ndarray], settings: TimingSettings,
-                  device: str, samples: Samples, per_frame, cached: bool) -> Timer:
-    """The repeat shared by the timers: every frame through `per_frame(model, rgb, flow, memory, reference_rgb,
-    reference_flow, clock)`, the first `warmup` untimed, under inference_mode with `settings.threads` threads.
-    cached: compute the references' memory once per repeat (untimed but for its memory entries) and pass it;
-    else memory is (None, None). The inputs are pre-processed once, when the timer is made."""
+def reference_code_timer(model: DPA, frames: Sequence[np.ndarray], flows: Sequence[np.ndarray],
+                         settings: TimingSettings, device: str = "cpu", name: str = "reference_code") -> Timer:
+    """The public reference code's per-frame cost re-enacted (`reference_code_frame`): per query frame the N
+    references re-encoded through both encoders and their entries recomputed, then the query. Every frame runs
+    under inference_mode with `settings.threads` threads, the first `warmup` untimed; the inputs are pre-processed
+    once, when the timer is made."""
     config = model.config
+    samples = Samples(name, f"the public DPA code's inference re-enacted in PyTorch ({config.name}): per query "
+                      f"frame the N = {config.memory} reference frames re-encoded one by one through both "
+                      "plain VGG encoders and their K/V prototypes recomputed, then encode + ima_block5 + decode",
+                      settings.frames, settings.warmup)
     if len(frames) != settings.clip_length:
         raise DpaError(f"need {settings.clip_length} frames (warm-up + timed), got {len(frames)}")
-    device = torch_device(device)
     model = model.eval().to(device)
     references = frames_for_references(len(frames), config.memory)
     with torch.inference_mode():
@@ -197,50 +155,17 @@ def _frames_timer(model: DPA, frames: Sequence[np.ndarray], flows: Sequence[np.n
 
     def repeat(bar) -> None:
         with torch.inference_mode(), torch_threads(settings.threads):
-            clock = StageClock(device)
-            memory = cached_memory(model, reference_rgb, reference_flow, clock) if cached else (None, None)
-            if memory[0] is not None:
-                samples.memory_entry.append(clock.seconds["memory_entry"] / len(references))
             records, whole = [], 0.0
             for index in range(len(frames)):
                 clock = StageClock(device)
                 started = time.perf_counter()
-                per_frame(model, rgb[index:index + 1], flow[index:index + 1], memory, reference_rgb, reference_flow,
-                          clock)
+                reference_code_frame(model, rgb[index:index + 1], flow[index:index + 1], reference_rgb,
+                                     reference_flow, clock)
                 elapsed = time.perf_counter() - started
-                if bar is not None:
-                    bar.update(1)
+                advance(bar)
                 if index >= settings.warmup:
                     whole += elapsed
                     records.append(clock.seconds)
             samples.add_repeat(whole / settings.frames, per_frame_means(records, settings.frames))
 
     return Timer(samples, repeat, len(frames))
-
-
-def eager_timer(model: DPA, frames: Sequence[np.ndarray], flows: Sequence[np.ndarray], settings: TimingSettings,
-                device: str = "cpu", name: str = "eager") -> Timer:
-    """PyTorch eager per frame with cached memory: encode + ima_block5 + decode (+ sigmoid), batch 1, against the
-    N references' entries computed once per repeat (their memory_entry seconds per entry in `memory_entry`)."""
-    samples = Samples(name, f"PyTorch eager ({model.config.name}) per frame with cached memory: encode + "
-                      "ima_block5 + decode, batch 1, inference_mode", settings.frames, settings.warmup)
-
-    def per_frame(model, rgb, flow, memory, reference_rgb, reference_flow, clock):
-        return eager_frame(model, rgb, flow, *memory, clock)
-
-    return _frames_timer(model, frames, flows, settings, device, samples, per_frame, cached=True)
-
-
-def reference_code_timer(model: DPA, frames: Sequence[np.ndarray], flows: Sequence[np.ndarray],
-                         settings: TimingSettings, device: str = "cpu", name: str = "reference_code") -> Timer:
-    """The public reference code's per-frame cost re-enacted (`reference_code_frame`): per query frame the N
-    references re-encoded through both encoders and their entries recomputed, then the query."""
-    samples = Samples(name, f"the public DPA code's inference re-enacted in PyTorch ({model.config.name}): per query "
-                      f"frame the N = {model.config.memory} reference frames re-encoded one by one through both "
-                      "plain VGG encoders and their K/V prototypes recomputed, then encode + ima_block5 + decode",
-                      settings.frames, settings.warmup)
-
-    def per_frame(model, rgb, flow, memory, reference_rgb, reference_flow, clock):
-        return reference_code_frame(model, rgb, flow, reference_rgb, reference_flow, clock)
-
-    return _frames_timer(model, frames, flows, settings, device, samples, per_frame, cached=False)

@@ -152,7 +152,6 @@ def stage_graphs(model: DPA) -> dict[str, nn.Module]:
     return graphs
 
 
-@torch.no_grad()
 def example_inputs(
     model: DPA, graphs: dict[str, nn.Module], rgb: torch.Tensor | None = None, flow: torch.Tensor | None = None,
     seed: int = 0,
@@ -162,6 +161,15 @@ def example_inputs(
     rgb, flow (1, 3, S, S): the frame (default: random, from `seed`). The memory bank holds N copies of that
     frame's entry, all valid.
     """
+    return example_values(model, graphs, rgb, flow, seed)[0]
+
+
+@torch.no_grad()
+def example_values(
+    model: DPA, graphs: dict[str, nn.Module], rgb: torch.Tensor | None = None, flow: torch.Tensor | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict[str, tuple[torch.Tensor, ...]]]:
+    """`example_inputs` and the outputs each graph gave on them (graph -> tuple in `output_names` order)."""
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     size = config.size
@@ -170,6 +178,7 @@ def example_inputs(
         "flow": flow if flow is not None else torch.rand(1, 3, size, size, generator=generator),
     }
     examples: dict[str, tuple[torch.Tensor, ...]] = {}
+    results: dict[str, tuple[torch.Tensor, ...]] = {}
     for name, graph in graphs.items():
         if name == "decoder" and config.uses_ifa:
             for bank_name, entry_name in zip(BANK_INPUTS, ENTRY_OUTPUTS, strict=True):
@@ -178,9 +187,9 @@ def example_inputs(
             values[VALID_INPUT] = torch.ones(1, config.memory)
         examples[name] = tuple(values[input_name] for input_name in graph.input_names)
         outputs = graph(*examples[name])
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        values.update(zip(graph.output_names, outputs, strict=True))
-    return examples
+        results[name] = outputs if isinstance(outputs, tuple) else (outputs,)
+        values.update(zip(graph.output_names, results[name], strict=True))
+    return examples, results
 
 
 def pipeline(config: ModelConfig) -> dict:

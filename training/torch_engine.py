@@ -89,7 +89,9 @@ def torch_device(device: str) -> torch.device:
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise DpaError(f"device {device}: this PyTorch has no CUDA (or no GPU is visible)")
+            raise DpaError(f"device {device}: this PyTorch ({torch.__version__}) sees no CUDA GPU "
+                           "(torch.cuda.is_available() is False); use a CUDA build of PyTorch on a machine with an "
+                           "NVIDIA GPU, or --device cpu")
         return torch.device("cuda", index)
     return torch.device("cpu")
 
@@ -98,19 +100,14 @@ def stage_manifest(model: DPA, weights: WeightsRecord | None = None) -> Manifest
     """The manifest of `model`'s stage graphs without exporting them: names, shapes and dtypes from one pass of the
     wrappers (no files, so no forms), the pipeline, the model record."""
     wrappers = stages.stage_graphs(model.eval())
-    examples = stages.example_inputs(model, wrappers)
-    graphs = {}
-    for name, wrapper in wrappers.items():
-        with torch.inference_mode():
-            outputs = wrapper(*examples[name])
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    examples, outputs = stages.example_values(model, wrappers)
 
-        def specs(names, tensors):
-            return tuple(TensorSpec(n, tuple(t.shape), _DTYPE_NAMES[t.dtype]) for n, t in zip(names, tensors,
-                                                                                              strict=True))
+    def specs(names, tensors) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(n, tuple(t.shape), _DTYPE_NAMES[t.dtype]) for n, t in zip(names, tensors, strict=True))
 
-        graphs[name] = GraphSpec(name, {}, specs(wrapper.input_names, examples[name]),
-                                 specs(wrapper.output_names, outputs))
+    graphs = {name: GraphSpec(name, {}, specs(wrapper.input_names, examples[name]),
+                              specs(wrapper.output_names, outputs[name]))
+              for name, wrapper in wrappers.items()}
     config = model.config
     return Manifest(size=config.size, memory=config.memory, graphs=graphs, forms=(),
                     pipeline=Pipeline.from_dict(stages.pipeline(config)),

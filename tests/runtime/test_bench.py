@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from dpa.errors import DpaError
-from dpa.runtime import bench
-from dpa.runtime.bench import Ratio, Samples, TimingSettings, evaluate_ratios, quantity, summarize
+from dpa.runtime.benchmark import machine, measurements, timers
+from dpa.runtime.benchmark.report import SCHEMA, TARGET_RATIOS, Ratio, evaluate_ratios, quantity
+from dpa.runtime.benchmark.timers import Samples, TimingSettings, summarize
 
 TIMING = {"frames": 2, "warmup": 1, "repeats": 2}
 
@@ -38,7 +39,7 @@ def test_summarize_gives_median_quartiles_and_range_in_milliseconds():
 
 def test_stage_means_amortise_stages_that_ran_on_some_frames_only():
     records = [{"encoder": 0.010, "ifa_memory": 0.004}, {"encoder": 0.030}]
-    assert bench.per_frame_means(records, 2) == pytest.approx({"encoder": 0.020, "ifa_memory": 0.002})
+    assert timers.per_frame_means(records, 2) == pytest.approx({"encoder": 0.020, "ifa_memory": 0.002})
 
 
 def test_samples_fill_stages_missing_from_a_repeat_with_zero():
@@ -57,10 +58,10 @@ def test_samples_fill_stages_missing_from_a_repeat_with_zero():
 
 
 def test_steady_per_frame_spans_end_of_warmup_to_end_of_last_timed_frame():
-    assert bench._steady_per_frame([10.0, 11.0, 13.0, 16.0], warmup=1, frames=3) == pytest.approx(2.0)
-    assert bench._steady_per_frame([10.0, 11.0, 13.0, 16.0, 30.0], warmup=2, frames=2) == pytest.approx(2.5)
+    assert measurements._steady_per_frame([10.0, 11.0, 13.0, 16.0], warmup=1, frames=3) == pytest.approx(2.0)
+    assert measurements._steady_per_frame([10.0, 11.0, 13.0, 16.0, 30.0], warmup=2, frames=2) == pytest.approx(2.5)
     with pytest.raises(DpaError):
-        bench._steady_per_frame([1.0, 2.0], warmup=1, frames=2)
+        measurements._steady_per_frame([1.0, 2.0], warmup=1, frames=2)
 
 
 def _entry(per_frame_ms: float, **stages_ms: float) -> dict:
@@ -71,7 +72,7 @@ def _entry(per_frame_ms: float, **stages_ms: float) -> dict:
 def test_ratios_are_numerator_median_over_denominator_median():
     measurements = {"runtime": _entry(40.0, flow=5.0), "eager": _entry(50.0), "reference_code": _entry(200.0),
                     "runtime_paper_ii": _entry(38.0), "segmenter_live": _entry(45.0), "live_loop": _entry(46.0)}
-    values, details = evaluate_ratios(measurements, bench.TARGET_RATIOS, {"runtime_int8": "no int8 variant"})
+    values, details = evaluate_ratios(measurements, TARGET_RATIOS, {"runtime_int8": "no int8 variant"})
     assert values == pytest.approx({"runtime_vs_eager": 0.8, "runtime_vs_reference_code": 0.2,
                                     "ifa_marginal": 40.0 / 38.0, "live_overhead": 46.0 / 45.0, "flow_share": 5.0 / 45.0,
                                     "int8_vs_fp32": None})
@@ -87,15 +88,15 @@ def test_ratios_are_numerator_median_over_denominator_median():
 
 
 def test_peak_memory_sees_an_allocation_inside_the_block():
-    if bench.resident_bytes() is None:
+    if timers.resident_bytes() is None:
         pytest.skip("no /proc/self/statm on this system")
-    with bench.PeakMemory(interval=0.001) as memory:
+    with timers.PeakMemory(interval=0.001) as memory:
         block = mmap.mmap(-1, 64 * 2**20)  # fresh pages, whatever the allocator keeps from earlier tests
         np.frombuffer(block, np.uint8)[:] = 1  # touch every page
         time.sleep(0.2)  # the sampling thread runs while this one sleeps
         block.close()
     assert memory.peak - memory.before >= 48 * 2**20
-    assert bench.lifetime_peak_rss_bytes() >= 0.95 * memory.peak  # getrusage counts pages a little differently
+    assert timers.lifetime_peak_rss_bytes() >= 0.95 * memory.peak  # getrusage counts pages a little differently
 
 
 def test_interleave_alternates_measurements_and_rotates_the_order():
@@ -108,23 +109,23 @@ def test_interleave_alternates_measurements_and_rotates_the_order():
             calls.append(name)
             samples.add_repeat(0.001)
 
-        return bench.Timer(samples, repeat, frames_per_repeat=1)
+        return timers.Timer(samples, repeat, frames_per_repeat=1)
 
-    timers = [timer("a"), timer("b"), timer("c")]
-    bench.interleave(timers, repeats=4, progress=False)
+    measured = [timer("a"), timer("b"), timer("c")]
+    timers.interleave(measured, repeats=4, progress=False)
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
-    assert all(len(t.samples.per_frame) == 4 for t in timers)
-    if bench.resident_bytes() is not None:
-        assert all(t.samples.peak_rss >= t.samples.rss_before > 0 for t in timers)
+    assert all(len(t.samples.per_frame) == 4 for t in measured)
+    if timers.resident_bytes() is not None:
+        assert all(t.samples.peak_rss >= t.samples.rss_before > 0 for t in measured)
 
 
 def test_oversubscribed_machine_is_flagged():
-    assert bench.oversubscription_warning({"usable_cores": 2, "load_average": [1.5, 1, 1],
+    assert machine.oversubscription_warning({"usable_cores": 2, "load_average": [1.5, 1, 1],
                                            "load_average_end": [1.9, 1, 1]}) is None
-    warning = bench.oversubscription_warning({"usable_cores": 2, "load_average": [1.0, 1, 1],
+    warning = machine.oversubscription_warning({"usable_cores": 2, "load_average": [1.0, 1, 1],
                                               "load_average_end": [5.2, 3, 2]})
     assert "load 5.2 on 2 usable cores" in warning and "--threads 1" in warning
-    assert "ratios" in bench.oversubscription_warning({"usable_cores": 2, "load_average": [3.0, 1, 1]}, threads=1)
+    assert "ratios" in machine.oversubscription_warning({"usable_cores": 2, "load_average": [3.0, 1, 1]}, threads=1)
 
 
 def test_timing_settings_reject_nonsense():
@@ -134,11 +135,11 @@ def test_timing_settings_reject_nonsense():
         TimingSettings(repeats=0)
     with pytest.raises(DpaError):
         TimingSettings(warmup=-1)
-    assert TimingSettings().threads == bench.usable_cores()
+    assert TimingSettings().threads == machine.usable_cores()
 
 
 def test_machine_info_names_the_cpu_and_versions_without_importing_torch():
-    info = bench.machine_info()
+    info = machine.machine_info()
     assert info["usable_cores"] >= 1 and info["python"]
     assert set(info["packages"]) >= {"numpy", "onnxruntime", "torch", "opencv"}
 
@@ -174,11 +175,13 @@ def _count_encoder_passes(model) -> tuple[dict[str, int], list]:
 def test_reference_code_reencodes_the_n_references_for_every_query_frame(tiny_model):
     import torch
 
+    from dpa.commands.bench import eager_timer
     from dpa.training import bench_torch
+    from dpa.training.torch_engine import model_engine
 
     memory_size = tiny_model.config.memory
-    frames = bench.bench_clip(64, TIMING["warmup"] + TIMING["frames"], seed=3)
-    flows = bench.live_flows(frames, 64)
+    frames = measurements.bench_clip(64, TIMING["warmup"] + TIMING["frames"], seed=3)
+    flows = measurements.live_flows(frames, 64)
     settings = TimingSettings(**TIMING, threads=1, progress=False)
     counts, handles = _count_encoder_passes(tiny_model)
     try:
@@ -190,20 +193,14 @@ def test_reference_code_reencodes_the_n_references_for_every_query_frame(tiny_mo
             assert counts == {"appearance": memory_size + 1, "motion": memory_size + 1}
             assert set(clock.seconds) == {"references", "reference_memory", "encoder", "ima", "decoder"}
             assert probability.shape == (1, 1, 64, 64)
-            memory, valid = bench_torch.cached_memory(tiny_model, *references)
-            counts.update(appearance=0, motion=0)
-            bench_torch.eager_frame(tiny_model, rgb[:1], flow[:1], memory, valid, bench_torch.StageClock("cpu"))
-            assert counts == {"appearance": 1, "motion": 1}
-        assert memory["appearance"][0].shape[:2] == (1, memory_size) and valid.shape == (1, memory_size)
-
         frames_per_repeat = settings.warmup + settings.frames
         counts.update(appearance=0, motion=0)
-        reenacted = bench.run_timer(bench_torch.reference_code_timer(tiny_model, frames, flows, settings),
+        reenacted = timers.run_timer(bench_torch.reference_code_timer(tiny_model, frames, flows, settings),
                                     settings.repeats, progress=False)
         assert counts["appearance"] == counts["motion"] == settings.repeats * frames_per_repeat * (memory_size + 1)
+        engine = model_engine(tiny_model)  # describing its graphs runs each once, before the counting
         counts.update(appearance=0, motion=0)
-        eager = bench.run_timer(bench_torch.eager_timer(tiny_model, frames, flows, settings), settings.repeats,
-                                progress=False)
+        eager = timers.run_timer(eager_timer(engine, frames, flows, settings), settings.repeats, progress=False)
         # the cached memory costs N passes once per repeat, then one pass per frame
         assert counts["appearance"] == counts["motion"] == settings.repeats * (memory_size + frames_per_repeat)
     finally:
@@ -233,11 +230,11 @@ def test_pytorch_cuda_fails_clearly_without_cuda():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    from dpa.training.bench_torch import torch_device
+    from dpa.training.torch_engine import torch_device
 
     with pytest.raises(DpaError, match="no CUDA GPU"):
         torch_device("cuda")
-    assert torch_device("cpu") == "cpu"
+    assert str(torch_device("cpu")) == "cpu"
 
 
 # ---- the command ---------------------------------------------------------------------------------------------
@@ -250,7 +247,7 @@ def test_bench_cli_reports_runtime_and_baselines(tiny_export, tmp_path, capsys):
                   "--json", str(out), "--markdown", str(tmp_path / "bench.md")])
     assert code == 0
     report = json.loads(out.read_text())
-    assert report["schema"] == bench.SCHEMA and report["kind"] == "bench"
+    assert report["schema"] == SCHEMA and report["kind"] == "bench"
     assert set(report["measurements"]) == {"runtime", "eager", "reference_code"}
     runtime = report["measurements"]["runtime"]
     assert runtime["repeats"] == 2 and runtime["frames"] == 2 and runtime["per_frame_ms"]["n"] == 2
@@ -294,7 +291,7 @@ def test_targets_report_six_ratios_recomputable_from_the_medians(tmp_path):
     assert report["config"]["paper_ii"]["ifa"] == "off"
     measurements = report["measurements"]
     assert {"runtime", "runtime_paper_ii", "eager", "eager_paper_ii", "reference_code"} <= set(measurements)
-    for ratio in bench.TARGET_RATIOS:
+    for ratio in TARGET_RATIOS:
         value = report["ratios"][ratio.name]
         if value is None:
             assert report["targets"][ratio.name]["reason"]

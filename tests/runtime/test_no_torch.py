@@ -9,7 +9,7 @@ RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
 
 
 def test_runtime_modules_import_without_torch():
-    modules = ["dpa.runtime"] + [f"dpa.runtime.{m.name}" for m in pkgutil.iter_modules([str(RUNTIME)])]
+    modules = ["dpa.runtime"] + [m.name for m in pkgutil.walk_packages([str(RUNTIME)], prefix="dpa.runtime.")]
     assert len(modules) >= 4, modules  # flow, preprocess, plugins, and the package itself
     code = (
         "import importlib, sys\n"

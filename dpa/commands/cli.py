@@ -1,7 +1,7 @@
-"""`dpa bench`: per-stage latency, fps and peak memory of the runtime (any backend x precision x size), the PyTorch
-baselines, and `--targets`, the speed targets measured as ratios in one run (`dpa.runtime.bench`).
+"""The top floor's subcommands: `dpa bench` (per-stage latency, fps and peak memory of the runtime, the PyTorch
+baselines, `--targets`; `dpa.commands.bench`) and `dpa demo` (the main job; `dpa.commands.demo`).
 
-Only argparse-level code runs at import; numpy, onnxruntime and (for the baselines) torch load inside `run_bench`.
+Only argparse-level code runs at import; numpy, onnxruntime and torch load inside the run functions.
 """
 
 from __future__ import annotations
@@ -102,13 +102,15 @@ def _write(path: str, text: str) -> None:
 @command("bench", "per-stage latency, fps and peak memory of the runtime and PyTorch; --targets: the speed targets",
          arguments=_bench_arguments)
 def run_bench(args: argparse.Namespace) -> int:
+    from dpa.commands import bench
     from dpa.errors import DpaError
-    from dpa.runtime import bench
+    from dpa.runtime.benchmark.report import format_report
+    from dpa.runtime.benchmark.timers import TimingSettings
 
     providers = [name.strip() for name in args.providers.split(",") if name.strip()] if args.providers else None
     engine_options = bench.EngineOptions(backend=args.backend, device=args.device, providers=providers,
                                          cache=args.cache, plugins=args.plugins)
-    settings = bench.TimingSettings(frames=_option(args, "frames"), warmup=_option(args, "warmup"),
+    settings = TimingSettings(frames=_option(args, "frames"), warmup=_option(args, "warmup"),
                                     repeats=_option(args, "repeats"), seed=args.seed, flow_preset=args.flow_preset,
                                     horizon=args.horizon, threads=args.threads, progress=not args.no_progress)
     if args.export and any(getattr(args, name) is not None for name in ("config", "size", "memory", "width")):
@@ -131,9 +133,41 @@ def run_bench(args: argparse.Namespace) -> int:
         export = args.export or bench.bench_export(args.config or "paper-iv", size, memory, width, args.export_cache)
         report = bench.run_bench(export, settings, engine_options, precision=args.precision,
                                  baselines=args.baseline)
-    print(bench.format_report(report))
+    print(format_report(report))
     if args.json:
         _write(args.json, json.dumps(report, indent=2) + "\n")
     if args.markdown:
-        _write(args.markdown, bench.format_report(report, markdown=True) + "\n")
+        _write(args.markdown, format_report(report, markdown=True) + "\n")
     return 0
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
+    parser.add_argument("--checkpoint", default="tiny", metavar="CKPT",
+                        help="checkpoint to export and run (default: the shipped tiny model)")
+    parser.add_argument("--export", metavar="DIR", help="use these exported graphs instead of exporting --checkpoint")
+    parser.add_argument("--source", metavar="URI",
+                        help="source (default: a live synthetic clip streamed through GStreamer, "
+                        "test://synthetic?seed=2026&frames=96&size=256&fps=15, scored against its exact masks)")
+    add_engine_arguments(parser)
+    parser.set_defaults(backend="auto")
+
+
+@command("demo", "the main job on its embedded default: export the shipped tiny model, run the live loop on a "
+         "synthetic clip through GStreamer, write an annotated video and a report", arguments=_demo_arguments)
+def run_demo(args: argparse.Namespace) -> int:
+    from dpa.commands.demo import DEFAULT_SOURCE, run_demo
+    from dpa.errors import DpaError
+
+    report, code = run_demo(Path(args.out), checkpoint=args.checkpoint, source=args.source or DEFAULT_SOURCE,
+                            export=Path(args.export) if args.export else None, engine_args=args, say=print)
+    if "scores" in report:
+        scores = report["scores"]
+        print(f"J {scores['J_mean']:.3f}  F {scores['F_mean']:.3f}  G {scores['G']:.3f} against the exact masks "
+              f"({scores['frames_scored']} frames)")
+    print(f"{report['frames']} frames, {report['fps']:.1f} fps, {report['dropped']} dropped")
+    for what, path in report["outputs"].items():
+        print(f"{what}: {path}")
+    if report.get("error"):
+        raise DpaError(report["error"])
+    return code

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,15 @@ import numpy as np
 from dpa.errors import DpaError
 from dpa.files import file_sha256
 
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "training" / "checkpoints" / "tiny.pt"
 DEMO_SEED = 2026  # never used for training (train: seeds from 0, held-out test: 1000+)
 DEFAULT_SOURCE = f"test://synthetic?seed={DEMO_SEED}&frames=96&size=256&fps=15"
 
 
 def checkpoint_path(checkpoint: str) -> Path:
-    """The shipped name "tiny" or a checkpoint path -> an existing file (without importing torch)."""
-    path = SHIPPED_CHECKPOINT if checkpoint == "tiny" else Path(checkpoint)
+    """A shipped checkpoint's name (tiny, small) or a checkpoint path -> an existing file (without importing torch:
+    a cached export needs none)."""
+    shipped = Path(str(resources.files("dpa.training") / "checkpoints")) / f"{checkpoint}.pt"
+    path = shipped if "/" not in checkpoint and not checkpoint.endswith(".pt") else Path(checkpoint)
     if not path.is_file():
         raise DpaError(f"checkpoint {checkpoint!r} not found at {path}")
     return path
@@ -43,14 +45,12 @@ def ensure_export(checkpoint: Path, directory: Path, say=print) -> tuple[Path, b
         return directory, False
     say(f"exporting {checkpoint} to {directory} (once; later runs reuse it)")
     try:
-        import torch  # noqa: F401  (a clear message below when the training extra is missing)
-
-        from dpa.cli import main as dpa_main
+        from dpa.export.exporter import export_stage_graphs, model_for_export
     except ModuleNotFoundError as error:
         raise DpaError(f"exporting the demo checkpoint needs PyTorch ({error.name} is missing): run scripts/setup.sh, "
                        "or pass --export DIR with graphs exported on another machine") from error
-    if dpa_main(["export", "--checkpoint", str(checkpoint), "--out", str(directory)]) != 0:
-        raise DpaError(f"exporting {checkpoint} failed (see the messages above)")
+    model, weights = model_for_export(str(checkpoint), None, None, None)
+    export_stage_graphs(model, directory, weights)
     return directory, True
 
 

@@ -1,0 +1,1 @@
+"""Benchmark timing, machine description and reports for `dpa bench` (torch-free)."""

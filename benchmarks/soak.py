@@ -26,6 +26,32 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def summarize(samples: list[tuple[float, int, int]], summary: dict, frames: int, warmup: int) -> dict:
+    """The soak's verdict from the (seconds, frames processed, RSS bytes) samples: RSS growth after the warm-up
+    (it must stay under 5 %) and fps in each tenth of the run."""
+    after_warmup = [s for s in samples if s[1] >= warmup]
+    baseline, final = after_warmup[0][2], after_warmup[-1][2]
+    growth = final / baseline - 1
+    tenths = []
+    for part in range(10):
+        low, high = frames * part // 10, frames * (part + 1) // 10
+        inside = [s for s in samples if low <= s[1] <= high]
+        if len(inside) >= 2:
+            tenths.append((inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]))
+    return {
+        "frames": summary["frames"],
+        "seconds": summary["seconds"],
+        "fps": summary["fps"],
+        "fps_per_tenth": tenths,
+        "rss_mb_after_warmup": baseline / 2**20,
+        "rss_mb_final": final / 2**20,
+        "rss_growth_after_warmup": growth,
+        "rss_growth_ok": growth < 0.05,
+        "samples": samples,
+        "stages_ms": summary["stages_ms"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", required=True, help="a `dpa export` folder")
@@ -60,31 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.error or outcome.summary["frames"] != args.frames:
         print(f"soak failed: {outcome.error or outcome.summary['frames']} frames", file=sys.stderr)
         return 1
-    after_warmup = [s for s in samples if s[1] >= args.warmup]
-    baseline, final = after_warmup[0][2], after_warmup[-1][2]
-    growth = final / baseline - 1
-    tenths = []
-    for part in range(10):
-        low, high = args.frames * part // 10, args.frames * (part + 1) // 10
-        inside = [s for s in samples if low <= s[1] <= high]
-        if len(inside) >= 2:
-            tenths.append((inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]))
-    result = {
-        "source": source,
-        "frames": outcome.summary["frames"],
-        "seconds": outcome.summary["seconds"],
-        "fps": outcome.summary["fps"],
-        "fps_per_tenth": tenths,
-        "rss_mb_after_warmup": baseline / 2**20,
-        "rss_mb_final": final / 2**20,
-        "rss_growth_after_warmup": growth,
-        "rss_growth_ok": growth < 0.05,
-        "samples": samples,
-        "stages_ms": outcome.summary["stages_ms"],
-    }
+    result = summarize(samples, outcome.summary, args.frames, args.warmup)
+    result["source"] = source
     print(f"{result['frames']} frames in {result['seconds']:.0f} s ({result['fps']:.1f} fps); RSS "
           f"{result['rss_mb_after_warmup']:.1f} MB after {args.warmup} frames -> {result['rss_mb_final']:.1f} MB "
-          f"({100 * growth:+.2f} %); fps per tenth: {', '.join(f'{f:.1f}' for f in tenths)}")
+          f"({100 * result['rss_growth_after_warmup']:+.2f} %); fps per tenth: "
+          f"{', '.join(f'{f:.1f}' for f in result['fps_per_tenth'])}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

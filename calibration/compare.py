@@ -171,28 +171,67 @@ def compare(
     backend on that checkpoint, run through the same chain as every other run. Returns the report (what
     report.json holds).
     """
-    from tqdm import tqdm
-
     from dpa.calibration.report import write_report
-    from dpa.manifest import Manifest
 
     started = time.perf_counter()
     _check_choices(backends, precisions)
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DpaError(f"cannot create the report folder {out}: {error}") from error
-    manifest = Manifest.load(export_dir)
-    if manifest.precision != "fp32":
-        raise DpaError(f"--export {export_dir} holds {manifest.precision} graphs; pass the fp32 export folder "
-                       "(its variants are found in it)")
+    out = _report_folder(out)
+    manifest = _fp32_manifest(export_dir)
     runs = [_open_run(export_dir, backend, precision, device, threads, engine_options or {})
             for backend in backends for precision in precisions]
     reference_device = "cuda" if any(run.engine.device.startswith("cuda") for run in runs) else "cpu"
     reference = _open_run(export_dir, "pytorch", "fp32", reference_device, threads, {"checkpoint": checkpoint},
                           label=REFERENCE_LABEL)
     clips = load_labelled_clips(clip_arguments, manifest.size, synthetic_length, max_frames)
+    measured = _compare_clips(clips, manifest, reference, runs, out, layer_frames, worst, progress)
+    report = _report(export_dir, manifest, clips, reference, reference_device, runs, measured, threads)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    write_report(report, out, measured.worst_frames, [run.label for run in runs], REFERENCE_LABEL)
+    for run in [reference, *runs]:
+        run.engine.close()
+    return report
+
+
+def _report_folder(out: str | Path) -> Path:
+    """The report folder `out`, created; DpaError when it cannot be."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DpaError(f"cannot create the report folder {out}: {error}") from error
+    return out
+
+
+def _fp32_manifest(export_dir: str | Path):
+    """The manifest of `export_dir`; DpaError unless it is an fp32 export."""
+    from dpa.manifest import Manifest
+
+    manifest = Manifest.load(export_dir)
+    if manifest.precision != "fp32":
+        raise DpaError(f"--export {export_dir} holds {manifest.precision} graphs; pass the fp32 export folder "
+                       "(its variants are found in it)")
+    return manifest
+
+
+@dataclass
+class _Measured:
+    """What `compare` measured over every clip: one row per run and clip, the reference's record of each clip,
+    the worst frames (worst first), how the flow was computed and the graph inputs kept for the layer analysis
+    (graph -> feeds)."""
+
+    rows: list[dict]
+    references: list[dict]
+    worst_frames: list[_WorstFrame]
+    flow_source: str
+    layer_feeds: dict[str, list[dict[str, np.ndarray]]]
+
+
+def _compare_clips(clips: list[LabelledClip], manifest, reference: Run, runs: list[Run], out: Path,
+                   layer_frames: int, worst: int, progress: bool) -> _Measured:
+    """Every frame of every clip through the reference and the runs (a progress bar over frames), keeping the
+    `worst` frames with the lowest IoU and the graph inputs of `layer_frames` frames per clip."""
+    from tqdm import tqdm
+
     layer_feeds: dict[str, list[dict[str, np.ndarray]]] = {graph: [] for graph in _graph_inputs(manifest)}
     rows, references, worst_heap, flow_source = [], [], [], ""
     bar = tqdm(total=sum(clip.length for clip in clips), desc="compare", unit="frame", disable=not progress)
@@ -208,26 +247,33 @@ def compare(
             bar.update()
         references.append(_finish_clip(state, reference, runs, rows, manifest.size))
     bar.close()
+    return _Measured(rows, references, sorted(worst_heap, reverse=True), flow_source, layer_feeds)
+
+
+def _report(export_dir: str | Path, manifest, clips: list[LabelledClip], reference: Run, reference_device: str,
+            runs: list[Run], measured: _Measured, threads: int | None) -> dict:
+    """The report (what report.json holds), "seconds" left None for the caller; runs the layer analysis."""
     memory = manifest.pipeline.memory
+    rows = measured.rows
     report = {
         "format": REPORT_FORMAT,
         "export": str(Path(export_dir).resolve()),
         "checkpoint": reference.engine.details["weights"],
         "model": {"config": manifest.config_name, "size": manifest.size,
                   "memory": memory.capacity if memory else None},
-        "flow": flow_source,
+        "flow": measured.flow_source,
         "memory_policy": "offline: the paper's reference frames k_i = floor(i (L-1) / (N-1)) of each clip, "
                          "entries built by each run's own graphs",
         "clips": [{"name": c.name, "source": c.source, "frames": c.length, "ground_truth": c.masks is not None}
                   for c in clips],
         "reference": {"backend": "pytorch", "precision": "fp32", "device": reference_device,
-                      "latency_ms": 1e3 * float(np.median(reference.frame_latencies)), "clips": references},
+                      "latency_ms": 1e3 * float(np.median(reference.frame_latencies)), "clips": measured.references},
         "engines": {run.label: _describe_engine(run.engine) for run in runs},
         "rows": rows,
         "summary": [_summary(run, [row for row in rows if row["backend"] == run.backend
                                    and row["precision"] == run.precision]) for run in runs],
         "stages": _stages(runs),
-        "layers": _layers(export_dir, runs, layer_feeds, threads),
+        "layers": _layers(export_dir, runs, measured.layer_feeds, threads),
         "histograms": {"edges": HISTOGRAM_EDGES.tolist(),
                        "counts": {run.label: run.histogram.tolist() for run in runs}},
         "notes": _notes(runs, clips),
@@ -236,13 +282,8 @@ def compare(
                    "memory priming (ifa_memory on the reference frames) apart as prime_ms",
         "seconds": None,
     }
-    worst_frames = sorted(worst_heap, reverse=True)
     report["worst_frames"] = [{"clip": w.clip, "frame": w.index, "name": w.name, "ious": w.ious}
-                              for w in worst_frames]
-    report["seconds"] = round(time.perf_counter() - started, 2)
-    write_report(report, out, worst_frames, [run.label for run in runs], REFERENCE_LABEL)
-    for run in [reference, *runs]:
-        run.engine.close()
+                              for w in measured.worst_frames]
     return report
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,8 +133,6 @@ def record_feeds(
 
     from dpa.runtime.chain import StageChain
     from dpa.runtime.engines import open_engine
-    from dpa.runtime.memory import OfflinePolicy
-    from dpa.runtime.segmenter import Segmenter
 
     if not clips:
         raise DpaError("calibration needs real frames: pass --frames with clip folders or synthetic:SEED "
@@ -145,32 +143,11 @@ def record_feeds(
     engine = open_engine(export_dir, "onnxruntime", device="cpu", threads=threads)
     recorder = _Recorder(engine)
     chain = StageChain(recorder.recording_engine())
-    memory = chain.memory
     clip_records, flow_source = [], ""
     bar = tqdm(total=sum(clip.length for clip in clips), desc="record feeds", unit="frame", disable=not progress)
     for clip in clips:
         flows, flow_source = offline_flows(clip.frames, manifest.size)
-        policy = OfflinePolicy(clip.length, memory.capacity) if memory else None
-        segmenter = Segmenter(chain, policy, keep_values=bool(memory))
-        references = sorted(set(policy.references)) if policy else []
-        if memory:
-            recorder.capture = {memory.graph}  # the reference frames' encoder feeds come again as frames below
-            for index in references:
-                recorder.origin = {"clip": clip.name, "frame": index, "role": "reference"}
-                rgb, flow = segmenter.model_inputs(clip.frames[index], flows[index])
-                entry = chain.memory_entry(chain.frame_values(rgb, flow))
-                for slot in policy.slots_of(index):
-                    segmenter.bank.write(slot, entry)
-            recorder.capture = set(engine.runners)
-        for index, (frame, flow) in enumerate(zip(clip.frames, flows, strict=True)):
-            recorder.origin = {"clip": clip.name, "frame": index, "role": "frame"}
-            result = segmenter.segment(frame, flow, index)
-            if memory and index not in references:
-                chain.run_graph(memory.graph, memory.inputs, result.values)
-            bar.update()
-        recorder.origin = None
-        clip_records.append({"name": clip.name, "source": clip.source, "frames": clip.length,
-                             "references": policy.references if policy else []})
+        clip_records.append(_record_clip(recorder, chain, clip, flows, bar.update))
     bar.close()
     arrays = {
         graph: {name: np.stack([feed[name] for feed in feeds]) for name in feeds[0]}
@@ -181,6 +158,46 @@ def record_feeds(
               "weights_sha256": manifest.model.weights_sha256, "form": engine.form}
     engine.close()
     return FeedSet(arrays, {g: o for g, o in recorder.origins.items() if o}, export, clip_records, flow_source)
+
+
+def _record_clip(recorder: _Recorder, chain, clip: LabelledClip, flows: list[np.ndarray],
+                 frame_done: Callable[[], object]) -> dict:
+    """Record one clip's feeds through `chain` (which answers through `recorder`): the memory primed with the
+    reference frames, then every frame segmented; `frame_done` is called after each frame. Returns the clip's
+    record {"name", "source", "frames", "references"}."""
+    from dpa.runtime.memory import OfflinePolicy
+    from dpa.runtime.segmenter import Segmenter
+
+    memory = chain.memory
+    policy = OfflinePolicy(clip.length, memory.capacity) if memory else None
+    segmenter = Segmenter(chain, policy, keep_values=bool(memory))
+    references = sorted(set(policy.references)) if policy else []
+    if memory:
+        _prime_references(recorder, chain, segmenter, clip, flows, references)
+    for index, (frame, flow) in enumerate(zip(clip.frames, flows, strict=True)):
+        recorder.origin = {"clip": clip.name, "frame": index, "role": "frame"}
+        result = segmenter.segment(frame, flow, index)
+        if memory and index not in references:
+            chain.run_graph(memory.graph, memory.inputs, result.values)
+        frame_done()
+    recorder.origin = None
+    return {"name": clip.name, "source": clip.source, "frames": clip.length,
+            "references": policy.references if policy else []}
+
+
+def _prime_references(recorder: _Recorder, chain, segmenter, clip: LabelledClip, flows: list[np.ndarray],
+                      references: list[int]) -> None:
+    """Write the memory entries of the reference frames into the segmenter's bank, recording only the memory
+    graph's feeds (role "reference")."""
+    policy, memory = segmenter.policy, chain.memory
+    recorder.capture = {memory.graph}  # the reference frames' encoder feeds come again as frames below
+    for index in references:
+        recorder.origin = {"clip": clip.name, "frame": index, "role": "reference"}
+        rgb, flow = segmenter.model_inputs(clip.frames[index], flows[index])
+        entry = chain.memory_entry(chain.frame_values(rgb, flow))
+        for slot in policy.slots_of(index):
+            segmenter.bank.write(slot, entry)
+    recorder.capture = set(recorder.engine.runners)
 
 
 def save_feeds(feeds: FeedSet, directory: str | Path) -> Path:

@@ -130,8 +130,24 @@ def plot_worst_frames(worst_frames: list, labels: list[str], path: Path, referen
 def format_markdown(report: dict) -> str:
     """report.md: summary, per-clip rows, per-stage errors, the layers that cost most, notes, plots."""
     lines = ["# dpa compare", ""]
+    lines += _header_lines(report)
+    lines += _summary_lines(report["summary"])
+    lines += _clip_lines(report["rows"])
+    lines += _reference_lines(report["reference"]["clips"])
+    lines += _stage_lines(report["stages"])
+    if report["layers"]:
+        lines += _layer_lines(report["layers"])
+    if report["notes"]:
+        lines += ["## Notes", ""] + [f"- {note}" for note in report["notes"]] + [""]
+    lines += ["## Plots", ""] + [f"![{name}]({name})" for name in PLOTS] + [""]
+    lines += [f"Masks: {report['masks']}.", ""]
+    return "\n".join(lines)
+
+
+def _header_lines(report: dict) -> list[str]:
+    """What was compared: the export, checkpoint, clips, flow and memory, the reference, latency, seconds."""
     model = report["model"]
-    lines += [
+    return [
         f"- export: `{report['export']}` ({model['config']}, S = {model['size']}, N = {model['memory']})",
         f"- checkpoint: `{report['checkpoint'].get('path')}`",
         "- clips: " + ", ".join(f"{c['name']} ({c['frames']} frames{', ground truth' if c['ground_truth'] else ''})"
@@ -142,38 +158,59 @@ def format_markdown(report: dict) -> str:
         f"- latency: {report['latency']}",
         f"- {report['seconds']} s",
         "",
+    ]
+
+
+def _summary_lines(summary: list[dict]) -> list[str]:
+    """The summary table: one row per backend x precision over all clips."""
+    lines = [
         "## Summary (all clips)",
         "",
         "| backend | precision | frames | IoU vs ref mean | IoU min | prob max abs | J | F | G | latency ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in report["summary"]:
+    for row in summary:
         lines.append(f"| {row['backend']} | {row['precision']} | {row['frames']} | "
                      f"{_number(row['iou_vs_reference_mean'], 5)} | {_number(row['iou_vs_reference_min'], 5)} | "
                      f"{_scientific(row['probability_max_abs'])} | {_number(row['J_mean'])} | "
                      f"{_number(row['F_mean'])} | {_number(row['G'])} | {row['latency_ms']:.2f} |")
-    lines += ["", "## Per clip", "",
-              "| backend | precision | clip | IoU mean | IoU min (frame) | prob max abs | prob mean abs | J | F | G "
-              "| latency ms | prime ms |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in report["rows"]:
+    return lines
+
+
+def _clip_lines(rows: list[dict]) -> list[str]:
+    """The per-clip table: one row per backend x precision x clip."""
+    lines = ["", "## Per clip", "",
+             "| backend | precision | clip | IoU mean | IoU min (frame) | prob max abs | prob mean abs | J | F | G "
+             "| latency ms | prime ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
         prime = f"{row['prime_ms']:.1f}" if row["prime_ms"] is not None else "—"
         lines.append(f"| {row['backend']} | {row['precision']} | {row['clip']} | "
                      f"{_number(row['iou_vs_reference_mean'], 5)} | {_number(row['iou_vs_reference_min'], 5)} "
                      f"({row['worst_frame']['name']}) | {_scientific(row['probability_max_abs'])} | "
                      f"{_scientific(row['probability_mean_abs'])} | {_number(row['J_mean'])} | "
                      f"{_number(row['F_mean'])} | {_number(row['G'])} | {row['latency_ms']:.2f} | {prime} |")
-    lines += ["", "## Reference (PyTorch fp32)", "",
-              "Uncertain: the share of the reference's S x S probabilities in (0.3, 0.7), where small errors flip the "
-              "mask; IoU against the reference is sensitive in proportion.", "",
-              "| clip | frames | memory frames | J | F | G | uncertain | latency ms |",
-              "|---|---|---|---|---|---|---|---|"]
-    for reference in report["reference"]["clips"]:
+    return lines
+
+
+def _reference_lines(references: list[dict]) -> list[str]:
+    """The reference's table: one row per clip, with its uncertain share."""
+    lines = ["", "## Reference (PyTorch fp32)", "",
+             "Uncertain: the share of the reference's S x S probabilities in (0.3, 0.7), where small errors flip the "
+             "mask; IoU against the reference is sensitive in proportion.", "",
+             "| clip | frames | memory frames | J | F | G | uncertain | latency ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for reference in references:
         lines.append(f"| {reference['clip']} | {reference['frames']} | {reference['memory_frames']} | "
                      f"{_number(reference['J_mean'])} | {_number(reference['F_mean'])} | {_number(reference['G'])} | "
                      f"{reference['uncertain_share']:.3f} | {reference['latency_ms']:.2f} |")
-    lines += ["", "## Per-stage tensor error (chained, against PyTorch fp32, worst over frames)", ""]
-    for label, stage in report["stages"].items():
+    return lines
+
+
+def _stage_lines(stages: dict) -> list[str]:
+    """Per run: its worst stage tensors, then the error of every stage tensor."""
+    lines = ["", "## Per-stage tensor error (chained, against PyTorch fp32, worst over frames)", ""]
+    for label, stage in stages.items():
         worst, cosine = stage["worst"], stage["worst_cosine"]
         lines += [f"### {label}", "",
                   f"Worst stage: **{worst['stage']}** — `{worst['tensor']}` relative max abs {worst['relative']:.3e}; "
@@ -183,23 +220,23 @@ def format_markdown(report: dict) -> str:
             lines.append(f"| {name} | {_scientific(error['max_abs'])} | {_scientific(error['relative'])} | "
                          f"{_scientific(error['mean_abs'])} | {error['cosine_min']:.6f} | {error['cosine_mean']:.6f} |")
         lines.append("")
-    if report["layers"]:
-        lines += ["## Layers that cost most (each graph alone, fed the reference's tensors; ONNX Runtime CPU)", "",
-                  "`added` = the layer output's relative error minus the worst relative error of its inputs.", ""]
-        for precision, graphs in report["layers"].items():
-            lines += [f"### {precision}", "", "| graph | layer (node) | op | added | relative | cosine |",
-                      "|---|---|---|---|---|---|"]
-            for graph, entry in graphs.items():
-                for layer in entry["top"]:
-                    lines.append(f"| {graph} | `{layer['tensor']}` ({layer['node']}) | {layer['op_type']} | "
-                                 f"{_scientific(layer['added'])} | {_scientific(layer['relative'])} | "
-                                 f"{layer['cosine']:.6f} |")
-            lines.append("")
-    if report["notes"]:
-        lines += ["## Notes", ""] + [f"- {note}" for note in report["notes"]] + [""]
-    lines += ["## Plots", ""] + [f"![{name}]({name})" for name in PLOTS] + [""]
-    lines += [f"Masks: {report['masks']}.", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _layer_lines(layers: dict) -> list[str]:
+    """Per precision: the layers that add most error, per graph."""
+    lines = ["## Layers that cost most (each graph alone, fed the reference's tensors; ONNX Runtime CPU)", "",
+             "`added` = the layer output's relative error minus the worst relative error of its inputs.", ""]
+    for precision, graphs in layers.items():
+        lines += [f"### {precision}", "", "| graph | layer (node) | op | added | relative | cosine |",
+                  "|---|---|---|---|---|---|"]
+        for graph, entry in graphs.items():
+            for layer in entry["top"]:
+                lines.append(f"| {graph} | `{layer['tensor']}` ({layer['node']}) | {layer['op_type']} | "
+                             f"{_scientific(layer['added'])} | {_scientific(layer['relative'])} | "
+                             f"{layer['cosine']:.6f} |")
+        lines.append("")
+    return lines
 
 
 def format_summary(report: dict) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,53 @@ def _isolated(chain: StageChain, graph: str, values: dict[str, np.ndarray]) -> d
     return chain.download(chain.run_graph(graph, sources, values))
 
 
+@dataclass
+class _Check:
+    """The sides of one check (ONNX Runtime, PyTorch, optionally float64 PyTorch) and what is compared between them:
+    `chained` (each graph fed by the graphs before it), `isolated` (each ONNX Runtime graph fed PyTorch's
+    tensors) and `exact` (both fp32 sides against float64)."""
+
+    onnxruntime: _Side
+    pytorch: _Side
+    exact: _Side | None
+    chained: Comparisons = field(default_factory=Comparisons)
+    isolated: Comparisons = field(default_factory=Comparisons)
+    exact_comparisons: Comparisons = field(default_factory=Comparisons)
+
+    def reference(self, slot: int, rgb: np.ndarray, flow: np.ndarray) -> None:
+        """Admit a reference frame into `slot` on every side; compare its memory entry."""
+        entry, expected = (side.admit(slot, rgb, flow) for side in (self.onnxruntime, self.pytorch))
+        if self.exact is not None:
+            self.exact.admit(slot, rgb, flow)
+        alone = _isolated(self.onnxruntime.chain, "ifa_memory", _encoder_sources(self.pytorch.chain, rgb, flow))
+        for name in ENTRY_OUTPUTS:
+            self.chained.add(f"ifa_memory/{name}", entry[name], expected[name])
+            self.isolated.add(f"ifa_memory/{name}", alone[f"ifa_memory/{name}"], expected[name])
+
+    def query(self, rgb: np.ndarray, flow: np.ndarray, uses_ima: bool) -> None:
+        """Segment a frame on every side against the memory; compare every graph output, chained and isolated."""
+        for side in (self.onnxruntime, self.pytorch, self.exact):
+            if side is not None:
+                side.process(rgb, flow)
+        expected, probability = self.pytorch.values, f"decoder/{PROBABILITY}"
+        for name, value in expected.items():
+            if name.startswith(("encoder/", "ima/")) or name == probability:
+                self.chained.add(name, self.onnxruntime.values[name], value)
+        sources = {name: value for name, value in expected.items() if name.startswith(("encoder/", "ima/"))}
+        if uses_ima:
+            alone = _isolated(self.onnxruntime.chain, "ima", sources)
+            for name in alone:
+                self.isolated.add(name, alone[name], expected[name])
+        if self.pytorch.bank is not None:
+            sources.update(self.pytorch.bank.host_sources())
+        alone = _isolated(self.onnxruntime.chain, "decoder", sources)
+        self.isolated.add(probability, alone[probability], expected[probability])
+        if self.exact is not None:
+            exact = self.exact.probability()
+            self.exact_comparisons.add("pytorch_fp32", self.pytorch.probability().astype(np.float64), exact)
+            self.exact_comparisons.add("onnxruntime", self.onnxruntime.probability(), exact)
+
+
 def check_export(
     directory: str | Path, checkpoint: str | None = None, clip: str | Path | None = None, frames: int = 8,
     clip_length: int = 12, seed: int = 0, form: str | None = None, threads: int | None = None,
@@ -135,9 +183,8 @@ def check_export(
     torch_engine = open_torch_engine(Path(directory), manifest, "fp32", device="cpu", checkpoint=checkpoint)
     model = engine_model(torch_engine)
     config = model.config
-    onnxruntime, pytorch = _Side(StageChain(ort_engine)), _Side(StageChain(torch_engine))
     exact = _Side(StageChain(model_engine(model, "cpu", torch.float64, manifest))) if fp64 else None
-    sides = [side for side in (onnxruntime, pytorch, exact) if side is not None]
+    check = _Check(_Side(StageChain(ort_engine)), _Side(StageChain(torch_engine)), exact)
     source = load_clip(clip) if clip is not None else synthetic_clip(clip_length, config.size, seed)
     length = len(source.frames)
     checked = sorted({int(round(i)) for i in np.linspace(0, length - 1, min(frames, length))})
@@ -145,58 +192,18 @@ def check_export(
     rgb, flow, flow_source = preprocess_clip(source, sorted(set(checked) | set(references)), config.size)
     log.info("checking %s (%s form) on %s: frames %s, references %s", directory, ort_engine.form, source.source,
              checked, references)
-
-    chained, isolated, exact_comparisons = Comparisons(), Comparisons(), Comparisons()
-    bar = tqdm(total=len(references) + len(checked), desc="check", unit="frame", disable=not progress)
-    for slot, index in enumerate(references):
-        entry, expected = (side.admit(slot, rgb[index], flow[index]) for side in (onnxruntime, pytorch))
-        if exact is not None:
-            exact.admit(slot, rgb[index], flow[index])
-        alone = _isolated(onnxruntime.chain, "ifa_memory", _encoder_sources(pytorch.chain, rgb[index], flow[index]))
-        for name in ENTRY_OUTPUTS:
-            chained.add(f"ifa_memory/{name}", entry[name], expected[name])
-            isolated.add(f"ifa_memory/{name}", alone[f"ifa_memory/{name}"], expected[name])
-        bar.update()
-    for index in checked:
-        for side in sides:
-            side.process(rgb[index], flow[index])
-        expected = pytorch.values
-        for name, value in expected.items():
-            if name.startswith(("encoder/", "ima/")) or name == f"decoder/{PROBABILITY}":
-                chained.add(name, onnxruntime.values[name], value)
-        torch_sources = {name: value for name, value in expected.items() if name.startswith(("encoder/", "ima/"))}
-        if config.uses_ima:
-            alone = _isolated(onnxruntime.chain, "ima", torch_sources)
-            for name in alone:
-                isolated.add(name, alone[name], expected[name])
-        if pytorch.bank is not None:
-            torch_sources.update(pytorch.bank.host_sources())
-        alone = _isolated(onnxruntime.chain, "decoder", torch_sources)
-        isolated.add(f"decoder/{PROBABILITY}", alone[f"decoder/{PROBABILITY}"], expected[f"decoder/{PROBABILITY}"])
-        if exact is not None:
-            exact_comparisons.add("pytorch_fp32", pytorch.probability().astype(np.float64), exact.probability())
-            exact_comparisons.add("onnxruntime", onnxruntime.probability(), exact.probability())
-        bar.update()
-    bar.close()
+    with tqdm(total=len(references) + len(checked), desc="check", unit="frame", disable=not progress) as bar:
+        for slot, index in enumerate(references):
+            check.reference(slot, rgb[index], flow[index])
+            bar.update()
+        for index in checked:
+            check.query(rgb[index], flow[index], config.uses_ima)
+            bar.update()
     first = checked[0]
-    validity = _memory_validity(config, onnxruntime.chain, pytorch, rgb[first], flow[first], model, seed)
+    validity = _memory_validity(config, check.onnxruntime.chain, check.pytorch, rgb[first], flow[first], model, seed)
     ort_engine.close()
-
-    outputs, isolated_outputs = chained.report(), isolated.report()
     return {
-        "ok": all(o["ok"] for o in [*outputs.values(), *isolated_outputs.values()]) and validity.get("ok", True),
-        "outputs": outputs,
-        "probability_max_abs": outputs[f"decoder/{PROBABILITY}"]["max_abs"],
-        "isolated": isolated_outputs,
-        "memory_validity": validity,
-        "float64": {name: {"max_abs": a.max_abs, "cosine": a.cosine} for name, a in exact_comparisons.items()},
-        "tolerances": {
-            "probability_max_abs": PROBABILITY_TOLERANCE,
-            "intermediate_relative_max_abs": RELATIVE_TOLERANCE,
-            "intermediate_cosine_min": COSINE_TOLERANCE,
-            "memory_validity_garbage_effect": 0.0,
-            "memory_validity_max_abs": PROBABILITY_TOLERANCE,
-        },
+        **_verdicts(check, validity),
         "directory": str(directory),
         "form": ort_engine.form,
         "config": config.name,
@@ -209,6 +216,26 @@ def check_export(
         "frames": checked,
         "reference_frames": references,
         "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _verdicts(check: _Check, validity: dict) -> dict:
+    """The report's comparisons, their tolerances and the overall verdict."""
+    outputs, isolated = check.chained.report(), check.isolated.report()
+    return {
+        "ok": all(o["ok"] for o in [*outputs.values(), *isolated.values()]) and validity.get("ok", True),
+        "outputs": outputs,
+        "probability_max_abs": outputs[f"decoder/{PROBABILITY}"]["max_abs"],
+        "isolated": isolated,
+        "memory_validity": validity,
+        "float64": {name: {"max_abs": a.max_abs, "cosine": a.cosine} for name, a in check.exact_comparisons.items()},
+        "tolerances": {
+            "probability_max_abs": PROBABILITY_TOLERANCE,
+            "intermediate_relative_max_abs": RELATIVE_TOLERANCE,
+            "intermediate_cosine_min": COSINE_TOLERANCE,
+            "memory_validity_garbage_effect": 0.0,
+            "memory_validity_max_abs": PROBABILITY_TOLERANCE,
+        },
     }
 
 

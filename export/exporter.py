@@ -185,47 +185,11 @@ def export_stage_graphs(
         "dpa.precision": PRECISION,
     }
     entries: dict[str, dict] = {}
-    start_all = time.perf_counter()
+    start = time.perf_counter()
     for index, (name, wrapper) in enumerate(wrappers.items(), 1):
         log.info("[%d/%d] exporting %s (inputs %s)", index, len(wrappers), name, ", ".join(wrapper.input_names))
-        start = time.perf_counter()
-        exported = _torch_export(wrapper, example=examples[name], opset=opset)
-        model_proto = _finish(exported, name, (type(wrapper).__doc__ or "").strip(), metadata)
-        export_seconds = time.perf_counter() - start
-        custom = functions.custom_nodes(model_proto.graph)
-        files, sizes, counts = {}, {}, {}
-        for form, form_model in _forms_of(model_proto, forms).items():  # + check_model and save: "seconds"
-            file_name = _file_name(name, form, bool(custom))
-            form_model.metadata_props.add(key="dpa.form", value=form if custom else "standard")
-            onnx.checker.check_model(form_model, full_check=True)
-            if file_name not in sizes:
-                onnx.save(form_model, out / file_name)
-                sizes[file_name] = (out / file_name).stat().st_size
-            files[form] = file_name
-            counts[form] = functions.custom_nodes(form_model.graph)
-        entry = {
-            "file": files[forms[0]],
-            "files": files,
-            "bytes": sizes,
-            "inputs": tensor_infos(list(model_proto.graph.input), name),
-            "outputs": tensor_infos(list(model_proto.graph.output), name),
-            "custom_nodes": counts,
-            "export_seconds": round(export_seconds, 3),
-        }
-        runnable = next((f for f in ("functions", "portable") if f in files), None)
-        if verify and runnable:
-            entry["verification"] = {
-                "form": runnable, "max_abs": _verify(out / files[runnable], wrapper, examples[name])
-            }
-        entry["seconds"] = round(time.perf_counter() - start, 3)
-        entries[name] = entry
-        log.info(
-            "  %s: export %.1f s (with forms, checks and verification %.1f s), %s, custom nodes %s", name,
-            export_seconds, entry["seconds"],
-            ", ".join(f"{file} {size / 2**20:.1f} MiB" for file, size in sizes.items()),
-            ", ".join(f"{op} x{count}" for op, count in custom.items()) or "none",
-        )
-    manifest = {
+        entries[name] = _export_graph(name, wrapper, examples[name], out, forms, opset, metadata, verify)
+    manifest = Manifest.from_dict({
         "format": MANIFEST_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "producer": {"dpa_export": 1, "torch": torch.__version__, "onnx": onnx.__version__},
@@ -237,7 +201,6 @@ def export_stage_graphs(
         "opset": opset,
         "precision": PRECISION,
         "forms": list(forms),
-        "form": forms[0] if len(forms) == 1 else "all",
         "custom_ops": {
             "domain": PLUGIN_DOMAIN,
             "plugin_version": PLUGIN_VERSION,
@@ -245,22 +208,65 @@ def export_stage_graphs(
         },
         "graphs": entries,
         "pipeline": stages.pipeline(config),
-        "export_seconds": round(time.perf_counter() - start_all, 3),
-    }
-    manifest = Manifest.from_dict(manifest, where=f"the manifest of {out}")
+        "export_seconds": round(time.perf_counter() - start, 3),
+    }, where=f"the manifest of {out}")
     manifest.save(out)
     log.info("wrote %s graphs and %s in %.1f s", len(entries), out / MANIFEST_NAME, manifest.record["export_seconds"])
     if verify:
-        errors = entries["decoder"].get("verification", {}).get("max_abs", {})
-        error = errors.get(stages.PROBABILITY)
-        if error is not None and error > PROBABILITY_TOLERANCE:
-            message = (f"decoder probability differs from PyTorch by {error:.2e} > {PROBABILITY_TOLERANCE:g} in ONNX "
-                       f"Runtime right after export (the files in {out} are kept)")
-            if weights.init == "checkpoint":
-                raise DpaError(message)
-            log.warning("%s; untrained weights amplify fp32 rounding (raw initialisation: logits of |100|s), so this "
-                        "is expected for them; `dpa check --fp64` tells rounding from export errors", message)
+        _judge_verification(entries["decoder"], out, weights)
     return manifest
+
+
+def _export_graph(name: str, wrapper: torch.nn.Module, example: tuple[torch.Tensor, ...], out: Path,
+                  forms: tuple[str, ...], opset: int, metadata: dict[str, str], verify: bool) -> dict:
+    """Export one wrapper, write it in every form (checked by onnx), verify it in ONNX Runtime; its manifest entry."""
+    start = time.perf_counter()
+    model_proto = _finish(_torch_export(wrapper, example=example, opset=opset), name,
+                          (type(wrapper).__doc__ or "").strip(), metadata)
+    export_seconds = time.perf_counter() - start
+    custom = functions.custom_nodes(model_proto.graph)
+    files, sizes, counts = {}, {}, {}
+    for form, form_model in _forms_of(model_proto, forms).items():
+        file_name = _file_name(name, form, bool(custom))
+        form_model.metadata_props.add(key="dpa.form", value=form if custom else "standard")
+        onnx.checker.check_model(form_model, full_check=True)
+        if file_name not in sizes:
+            onnx.save(form_model, out / file_name)
+            sizes[file_name] = (out / file_name).stat().st_size
+        files[form] = file_name
+        counts[form] = functions.custom_nodes(form_model.graph)
+    entry = {
+        "file": files[forms[0]],
+        "files": files,
+        "bytes": sizes,
+        "inputs": tensor_infos(list(model_proto.graph.input), name),
+        "outputs": tensor_infos(list(model_proto.graph.output), name),
+        "custom_nodes": counts,
+        "export_seconds": round(export_seconds, 3),
+    }
+    runnable = next((f for f in ("functions", "portable") if f in files), None)
+    if verify and runnable:
+        entry["verification"] = {"form": runnable, "max_abs": _verify(out / files[runnable], wrapper, example)}
+    entry["seconds"] = round(time.perf_counter() - start, 3)  # with forms, checks and verification
+    log.info("  %s: export %.1f s (with forms, checks and verification %.1f s), %s, custom nodes %s", name,
+             export_seconds, entry["seconds"],
+             ", ".join(f"{file} {size / 2**20:.1f} MiB" for file, size in sizes.items()),
+             ", ".join(f"{op} x{count}" for op, count in custom.items()) or "none")
+    return entry
+
+
+def _judge_verification(decoder: dict, out: Path, weights: WeightsRecord) -> None:
+    """DpaError (a checkpoint) or a warning (untrained weights) when the decoder's probability map differed from
+    PyTorch by more than the tolerance right after export."""
+    error = decoder.get("verification", {}).get("max_abs", {}).get(stages.PROBABILITY)
+    if error is None or error <= PROBABILITY_TOLERANCE:
+        return
+    message = (f"decoder probability differs from PyTorch by {error:.2e} > {PROBABILITY_TOLERANCE:g} in ONNX "
+               f"Runtime right after export (the files in {out} are kept)")
+    if weights.init == "checkpoint":
+        raise DpaError(message)
+    log.warning("%s; untrained weights amplify fp32 rounding (raw initialisation: logits of |100|s), so this "
+                "is expected for them; `dpa check --fp64` tells rounding from export errors", message)
 
 
 UNTRAINED_WEIGHTS = "untrained.pt"

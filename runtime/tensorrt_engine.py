@@ -428,6 +428,50 @@ def build_plan(tensorrt: ModuleType, logger, onnx_path: Path, policy: BuilderPol
     return bytes(memoryview(plan)), bytes(memoryview(timing_cache.serialize())), plugin_layers
 
 
+@dataclass
+class _PlanCache:
+    """Where the plans of one engine are looked up and built: the cache folder, the timing cache, and everything
+    a plan's hash covers."""
+
+    tensorrt: ModuleType
+    logger: Any
+    cache_dir: Path
+    timing_path: Path
+    policy: BuilderPolicy
+    settings: BuildSettings
+    gpu: GpuInfo
+    precision: str
+    choice: FormChoice
+    plugins: Path | None
+
+    def plan(self, name: str, graph: GraphSpec, onnx_path: Path) -> tuple[bytes, bool, dict, Path]:
+        """(serialised plan, whether it was built now, its build record, its path): loaded when a plan with the
+        same hash is cached, else built, saved and recorded (the timing cache is updated)."""
+        version = self.tensorrt.__version__
+        inputs = PlanInputs(file_sha256(onnx_path), self.precision, self.choice.form, version, self.gpu,
+                            file_sha256(self.plugins) if self.plugins else None, self.settings)
+        plan_path = self.cache_dir / plan_file_name(name, inputs)
+        record_path = plan_path.with_suffix(".json")
+        if plan_path.is_file():
+            record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+            return plan_path.read_bytes(), False, record, plan_path
+        log.info("building the %s plan (%s, %s form); this takes a while", name, self.precision, self.choice.form)
+        start = time.perf_counter()
+        timing = self.timing_path.read_bytes() if self.timing_path.is_file() else b""
+        plan, timing, plugin_layers = build_plan(self.tensorrt, self.logger, onnx_path, self.policy, self.settings,
+                                                 timing)
+        if self.choice.uses_plugins and not plugin_layers and sum(graph.custom_nodes.get(self.choice.form,
+                                                                                        {}).values()):
+            log.warning("%s: TensorRT imported no plugin layer although %s", name, self.choice.note)
+        write_bytes_atomically(plan_path, plan)
+        write_bytes_atomically(self.timing_path, timing)
+        record = {"graph": name, "onnx": str(onnx_path), "plan_inputs": asdict(inputs),
+                  "plugin_library": str(self.plugins) if self.plugins else None, "plugin_layers": plugin_layers,
+                  "build_seconds": round(time.perf_counter() - start, 3)}
+        write_bytes_atomically(record_path, (json.dumps(record, indent=2) + "\n").encode())
+        return plan, True, record, plan_path
+
+
 def open_tensorrt_engine(directory: Path, manifest: Manifest, precision: str, *, device: str, cache_dir: Path,
                          plugin_library: str | os.PathLike | None = None, form: str | None = None,
                          settings: BuildSettings = BuildSettings()) -> Engine:
@@ -443,7 +487,6 @@ def open_tensorrt_engine(directory: Path, manifest: Manifest, precision: str, *,
     gpu = cuda.gpu(index)
     cuda.call("cudaSetDevice", index)
     plugins = load_plugins(tensorrt, plugin_library)
-    plugin_sha256 = file_sha256(plugins) if plugins else None
     choice = choose_tensorrt_form(manifest.forms, plugins is not None, version, form)
     log.info("TensorRT %s on %s: %s form (%s), %s", version, gpu.name, choice.form, choice.note,
              "strongly typed" if policy.strongly_typed else f"weakly typed, flags {policy.set_flags}")
@@ -451,59 +494,39 @@ def open_tensorrt_engine(directory: Path, manifest: Manifest, precision: str, *,
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DpaError(f"cannot create the engine cache {cache_dir}: {error}; pass --cache DIR") from error
-    timing_path = cache_dir / timing_cache_name(version, gpu)
-    timing = timing_path.read_bytes() if timing_path.is_file() else b""
     logger = tensorrt.Logger(tensorrt.Logger.WARNING)
+    cache = _PlanCache(tensorrt, logger, cache_dir, cache_dir / timing_cache_name(version, gpu), policy, settings,
+                       gpu, precision, choice, plugins)
     runtime = tensorrt.Runtime(logger)
     stream = cuda.call("cudaStreamCreate")
-    engines, sessions, loads = {}, {}, {}
+    engines, runners, loads = {}, {}, {}
+    resources = [runtime, logger]
 
     def close() -> None:  # contexts, then engines, then the runtime that deserialised them, then the stream
-        for runner in sessions.values():
+        for runner in runners.values():
             runner.close()
-        sessions.clear()
+        runners.clear()
         engines.clear()
         resources.clear()
         cuda.call("cudaStreamDestroy", stream)
 
-    resources = [runtime, logger]
-
     try:
         for name, graph in manifest.graphs.items():
-            onnx_path = manifest.graph_file(directory, name, choice.form)
-            inputs = PlanInputs(file_sha256(onnx_path), precision, choice.form, version, gpu, plugin_sha256, settings)
-            plan_path = cache_dir / plan_file_name(name, inputs)
-            record_path = plan_path.with_suffix(".json")
             start = time.perf_counter()
-            built = not plan_path.is_file()
-            if built:
-                log.info("building the %s plan (%s, %s form); this takes a while", name, precision, choice.form)
-                plan, timing, plugin_layers = build_plan(tensorrt, logger, onnx_path, policy, settings, timing)
-                if choice.uses_plugins and not plugin_layers and sum(graph.custom_nodes.get(choice.form, {}).values()):
-                    log.warning("%s: TensorRT imported no plugin layer although %s", name, choice.note)
-                write_bytes_atomically(plan_path, plan)
-                write_bytes_atomically(timing_path, timing)
-                record = {"graph": name, "onnx": str(onnx_path), "plan_inputs": asdict(inputs),
-                          "plugin_library": str(plugins) if plugins else None, "plugin_layers": plugin_layers,
-                          "build_seconds": round(time.perf_counter() - start, 3)}
-                write_bytes_atomically(record_path, (json.dumps(record, indent=2) + "\n").encode())
-            else:
-                plan = plan_path.read_bytes()
-                record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-            engine = runtime.deserialize_cuda_engine(plan)
-            if engine is None:
+            onnx_path = manifest.graph_file(directory, name, choice.form)
+            plan, built, record, plan_path = cache.plan(name, graph, onnx_path)
+            engines[name] = runtime.deserialize_cuda_engine(plan)
+            if engines[name] is None:
                 raise DpaError(f"TensorRT {version} cannot deserialise {plan_path} (corrupt, or built by another "
                                "TensorRT or plugin library); delete it and run `dpa build` again")
-            engines[name] = engine
-            runner = TensorRTRunner(name, engine, cuda, stream, tensorrt)
-            _check_against_manifest(runner, graph, plan_path)
-            sessions[name] = runner
+            runners[name] = TensorRTRunner(name, engines[name], cuda, stream, tensorrt)
+            _check_against_manifest(runners[name], graph, plan_path)
             loads[name] = GraphLoad(name, onnx_path, time.perf_counter() - start, built, plan_path,
                                     [f"TensorRT {version}"], record.get("plugin_layers"))
     except BaseException:
         close()
         raise
-    details = {"cache_dir": str(cache_dir), "timing_cache": str(timing_path), "gpu": gpu.name,
+    details = {"cache_dir": str(cache_dir), "timing_cache": str(cache.timing_path), "gpu": gpu.name,
                "compute_capability": "{}.{}".format(*gpu.compute_capability),
                "plugin_library": str(plugins) if plugins else None, "form_note": choice.note,
                "strongly_typed": policy.strongly_typed, "builder_flags": list(policy.set_flags),
@@ -511,7 +534,7 @@ def open_tensorrt_engine(directory: Path, manifest: Manifest, precision: str, *,
     cuda_version = cuda.call("cudaRuntimeGetVersion")
     versions = {"tensorrt": version, "cuda_runtime": f"{cuda_version // 1000}.{cuda_version % 1000 // 10}"}
     return Engine(backend="tensorrt", precision=precision, device=f"cuda:{index}", directory=directory,
-                  manifest=manifest, runners=sessions, loads=loads, form=choice.form, providers=[f"TensorRT {version}"],
+                  manifest=manifest, runners=runners, loads=loads, form=choice.form, providers=[f"TensorRT {version}"],
                   versions=versions, details=details, transfer=CudaTransfer(cuda), close=close)
 
 

@@ -107,8 +107,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
     from dpa.runtime.preprocess import postprocess_probability
     from dpa.training.checkpoint import load_model
-    from dpa.training.datasets import load_sequences, select_sequences
     from dpa.training.evaluate import read_mask, score_sequence, summarise
+    from dpa.training.layouts import load_sequences
+    from dpa.training.sequences import select_sequences
 
     model, _ = load_model(args.checkpoint)
     predictor = OfflinePredictor(model, getattr(args, "device", "cpu") or "cpu")

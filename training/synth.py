@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 
 from dpa.errors import DpaError
+from dpa.images import write_rgb
+from dpa.runtime.flow import FlowEstimator, flow_to_rgb, offline_flow
 from dpa.synthetic import check_size, clip_rng, generate_clip
 
 MANIFEST_NAME = "manifest.json"
@@ -29,8 +31,6 @@ def write_dataset(out: str | Path, *, clips: int = 20, frames: int = 12, size: i
     """
     from tqdm import tqdm
 
-    from dpa.images import write_rgb
-    from dpa.runtime.flow import flow_to_rgb, offline_flow
     from dpa.training.flowgen import create_estimator
 
     if clips < 1 or frames < 1:
@@ -44,19 +44,7 @@ def write_dataset(out: str | Path, *, clips: int = 20, frames: int = 12, size: i
     for index in tqdm(range(clips), desc=f"synth {split}", unit="clip", disable=not progress):
         sequence = f"clip{index:04d}"
         clip_frames, masks = generate_clip(clip_rng(seed, index), frames, size)
-        folders = {kind: root / kind / sequence for kind in ("RGB", "GT", "FLOW")}
-        for folder in folders.values():
-            folder.mkdir(parents=True, exist_ok=True)
-        stored = []
-        for t, (frame, mask) in enumerate(zip(clip_frames, masks, strict=True)):
-            bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
-            encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
-            (folders["RGB"] / f"{t:05d}.jpg").write_bytes(encoded.tobytes())
-            stored.append(cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
-            if not cv2.imwrite(str(folders["GT"] / f"{t:05d}.png"), mask.astype(np.uint8) * 255):
-                raise DpaError(f"cannot write {folders['GT'] / f'{t:05d}.png'}")
-        for t in range(frames):
-            write_rgb(folders["FLOW"] / f"{t:05d}.png", flow_to_rgb(offline_flow(stored, t, estimator)))
+        write_clip({kind: root / kind / sequence for kind in ("RGB", "GT", "FLOW")}, clip_frames, masks, estimator)
         sequences.append(sequence)
 
     manifest = {
@@ -81,6 +69,28 @@ def write_dataset(out: str | Path, *, clips: int = 20, frames: int = 12, size: i
     manifest_path = root / MANIFEST_NAME
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest_path
+
+
+def write_clip(
+    folders: dict[str, Path], frames: list[np.ndarray], masks: list[np.ndarray], estimator: FlowEstimator
+) -> None:
+    """One clip's files: folders["RGB"]/<t>.jpg, folders["GT"]/<t>.png (0/255) and folders["FLOW"]/<t>.png.
+
+    frames: uint8 (S, S, 3) RGB; masks: bool (S, S). The flow is estimated on the frames as decoded from their
+    JPEG files (forward t→t+1, the last frame −flow(t→t−1)), as `dpa flow` estimates it on the written tree.
+    """
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    stored = []
+    for t, (frame, mask) in enumerate(zip(frames, masks, strict=True)):
+        bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+        encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
+        (folders["RGB"] / f"{t:05d}.jpg").write_bytes(encoded.tobytes())
+        stored.append(cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+        if not cv2.imwrite(str(folders["GT"] / f"{t:05d}.png"), mask.astype(np.uint8) * 255):
+            raise DpaError(f"cannot write {folders['GT'] / f'{t:05d}.png'}")
+    for t in range(len(stored)):
+        write_rgb(folders["FLOW"] / f"{t:05d}.png", flow_to_rgb(offline_flow(stored, t, estimator)))
 
 
 def prepare_split(root: Path, overwrite: bool) -> Path:

@@ -180,54 +180,56 @@ def _data_sources(settings: TrainSettings) -> list[tuple[str, str | None]]:
 
 
 def _sequences(settings: TrainSettings, root: str, layout: str, flow_root: str | None):
-    from dpa.training import datasets
+    from dpa.training.layouts import load_sequences
+    from dpa.training.sequences import select_sequences
 
-    listing = datasets.load_sequences(root, layout=layout, split=settings.split, flow_root=flow_root)
-    return datasets.select_sequences(listing, settings.sequences, settings.exclude)
+    listing = load_sequences(root, layout=layout, split=settings.split, flow_root=flow_root)
+    return select_sequences(listing, settings.sequences, settings.exclude)
 
 
 def imagenet_frames(settings: TrainSettings, config: ModelConfig, count: int = 16) -> torch.Tensor:
     """(count, 3, S, S) frames of the first --data root, spread over it: what a narrow encoder's ImageNet filters
     are chosen on (`dpa.training.imagenet`)."""
-    from dpa.training import datasets
+    from dpa.training.layouts import detect_layout, load_duts
+    from dpa.training.sequences import sample_frames
 
     spec, flow_root = _data_sources(settings)[0]
     root, layout = _split_root(spec)
-    if layout in ("duts", "auto") and datasets.detect_layout(root, settings.split) == "duts":
-        paths = [image for image, _ in datasets.load_duts(root)]
+    if layout in ("duts", "auto") and detect_layout(root, settings.split) == "duts":
+        paths = [image for image, _ in load_duts(root)]
     else:
         paths = [path for sequence in _sequences(settings, root, layout, flow_root) for path in sequence.rgb]
-    return torch.from_numpy(datasets.sample_frames(paths, count, config.size))
+    return torch.from_numpy(sample_frames(paths, count, config.size))
 
 
 def build_dataset(settings: TrainSettings, config: ModelConfig) -> Dataset:
     """Stage 1: saliency images (DUTS); stage 2: clips (query + N references) from every root, mixed."""
-    from dpa.training import datasets
+    from dpa.training.datasets import ClipDataset, MixedDataset, SaliencyDataset
+    from dpa.training.layouts import canonical_layout, detect_layout, load_duts
+    from dpa.training.sequences import pairs_from_sequences
 
     parts = []
     for spec, flow_root in _data_sources(settings):
         root, layout = _split_root(spec)
         if settings.stage == 1:
             if layout == "auto":
-                resolved = datasets.detect_layout(root, settings.split)
+                resolved = detect_layout(root, settings.split)
             else:
-                resolved = datasets.canonical_layout(layout)
+                resolved = canonical_layout(layout)
             if resolved == "duts":
-                pairs = datasets.load_duts(root)
+                pairs = load_duts(root)
             else:  # video data used as still images
-                pairs = datasets.pairs_from_sequences(_sequences(settings, root, resolved, flow_root))
-            parts.append(datasets.SaliencyDataset(pairs, config.size, augment=settings.augment, seed=settings.seed))
+                pairs = pairs_from_sequences(_sequences(settings, root, resolved, flow_root))
+            parts.append(SaliencyDataset(pairs, config.size, augment=settings.augment, seed=settings.seed))
         else:
             sequences = _sequences(settings, root, layout, flow_root)
             parts.append(
-                datasets.ClipDataset(
-                    sequences, config.size, memory=config.memory, augment=settings.augment, seed=settings.seed
-                )
+                ClipDataset(sequences, config.size, memory=config.memory, augment=settings.augment, seed=settings.seed)
             )
     if len(parts) == 1:
         return parts[0]
     length = sum(len(part) for part in parts)
-    return datasets.MixedDataset(parts, [1 / len(parts)] * len(parts), length=length, seed=settings.seed)
+    return MixedDataset(parts, [1 / len(parts)] * len(parts), length=length, seed=settings.seed)
 
 
 def make_loader(
@@ -329,95 +331,133 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
     # per batch of 8 at one thread), and what tensor cores want on CUDA. The values are unchanged.
     model = initial_model(settings, config).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    start = 0
     last = out / "last.pt"
-    if resume:
-        if not last.is_file():
-            raise DpaError(f"nothing to resume: {last} does not exist")
-        payload = load_checkpoint(last)
-        saved = TrainSettings(**payload["train"])
-        if dataclasses.replace(saved, steps=settings.steps) != dataclasses.replace(settings, steps=settings.steps):
-            log.warning("resuming with settings that differ from the checkpoint's")
-        load_state(model, payload["model"], source=str(last))
-        optimizer.load_state_dict(payload["optimizer"])
-        start = int(payload["step"])
+    start = resume_from(last, settings, model, optimizer) if resume else 0
     stop = min(until or settings.steps, settings.steps)
     if start >= stop:
         return last
 
-    wrapped: nn.Module = model
-    if world > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    wrapped = distributed(model, device, world)
     loader = make_loader(settings, config, start, stop, rank, world)
-
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
-    metrics_file = (out / "metrics.jsonl").open("a") if rank == 0 else None
-    bar = None
-    if rank == 0 and progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=stop - start, initial=0, desc=f"stage {settings.stage}", unit="step")
     model.train()
     if settings.freeze_batch_norm:
         freeze_batch_norm(model)
+    outputs = RunOutputs(settings, config, start, stop, progress) if rank == 0 else None
     step = start
-    running, unlogged, started = 0.0, 0, time.perf_counter()  # loss sum and step count since the last record
     freeze_from = settings.freeze_batch_norm_from
     freeze_step = None if freeze_from is None else int(freeze_from * settings.steps)
     for batch in loader:
         if freeze_step is not None and step >= freeze_step:
             freeze_batch_norm(model)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, settings)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
-            loss = batch_loss(wrapped, batch, settings, device)
-        if not torch.isfinite(loss):
-            raise DpaError(f"loss became {loss.item()} at step {step}: lower the learning rate or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = optimisation_step(wrapped, optimizer, batch, step, settings, device)
         step += 1
-        running += loss.item()
-        unlogged += 1
-        if rank == 0:
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % settings.log_every == 0 or step == stop:
-                record = {
-                    "step": step,
-                    "loss": running / unlogged,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "seconds": time.perf_counter() - started,
-                }
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                running, unlogged = 0.0, 0
-            if step % settings.save_every == 0 and step != stop:
-                _save(last, model, config, settings, optimizer, step)
-                if settings.keep_checkpoints:
-                    save_checkpoint(out / f"model-{step:06d}.pt", model, config, step=step,
-                                    train=dataclasses.asdict(settings), metrics={"loss": loss.item()})
-    if bar is not None:
-        bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
+        if outputs is not None:
+            outputs.after_step(step, loss.item(), model, optimizer)
+    if outputs is not None:
+        outputs.close()
     if settings.stage == 1 and step == settings.steps:
         copy_appearance_to_motion(model)
     metrics = {"final_loss": loss.item()}
     if world > 1:
         metrics["rank_max_difference"] = rank_max_difference(model)
-    if rank == 0:
-        _save(last, model, config, settings, optimizer, step, metrics)
-        if step == settings.steps:
-            save_checkpoint(out / "model.pt", model, config, step=step, train=dataclasses.asdict(settings),
-                            metrics=metrics)
+    if outputs is not None:
+        outputs.save_final(step, model, optimizer, metrics)
     if dist.is_initialized():
         dist.barrier()
     return last
+
+
+def distributed(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """`model` wrapped in DistributedDataParallel when there are several processes, else `model` itself."""
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+def resume_from(last: Path, settings: TrainSettings, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load the model's and optimiser's state from the checkpoint `last` (OUT/last.pt); returns its step."""
+    if not last.is_file():
+        raise DpaError(f"nothing to resume: {last} does not exist")
+    payload = load_checkpoint(last)
+    saved = TrainSettings(**payload["train"])
+    if dataclasses.replace(saved, steps=settings.steps) != dataclasses.replace(settings, steps=settings.steps):
+        log.warning("resuming with settings that differ from the checkpoint's")
+    load_state(model, payload["model"], source=str(last))
+    optimizer.load_state_dict(payload["optimizer"])
+    return int(payload["step"])
+
+
+def optimisation_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, step: int, settings: TrainSettings,
+    device: torch.device,
+) -> torch.Tensor:
+    """One training step at `step` (0-based): the scheduled learning rate, the loss (in bfloat16 autocast with
+    --precision bf16), backward and the optimiser update; returns the loss, DpaError when it is not finite."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate_at(step, settings)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+        loss = batch_loss(model, batch, settings, device)
+    if not torch.isfinite(loss):
+        raise DpaError(f"loss became {loss.item()} at step {step}: lower the learning rate or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+class RunOutputs:
+    """What rank 0 writes during a run: OUT/settings.json, the progress bar, OUT/metrics.jsonl (the mean loss over
+    each --log-every steps) and the checkpoints (OUT/last.pt, OUT/model-<step>.pt, OUT/model.pt)."""
+
+    def __init__(self, settings: TrainSettings, config: ModelConfig, start: int, stop: int, progress: bool):
+        self.settings, self.config, self.stop = settings, config, stop
+        self.out = Path(settings.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
+        self.metrics_file = (self.out / "metrics.jsonl").open("a")
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=stop - start, initial=0, desc=f"stage {settings.stage}", unit="step")
+        self.running, self.unlogged, self.started = 0.0, 0, time.perf_counter()  # loss sum and steps since a record
+
+    def after_step(self, step: int, loss: float, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After the step that made `step` steps in all (its `loss`): the progress bar, a metrics record every
+        --log-every steps and at the last step, and the --save-every checkpoints."""
+        self.running += loss
+        self.unlogged += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+        if step % self.settings.log_every == 0 or step == self.stop:
+            record = {
+                "step": step,
+                "loss": self.running / self.unlogged,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - self.started,
+            }
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+            self.running, self.unlogged = 0.0, 0
+        if step % self.settings.save_every == 0 and step != self.stop:
+            _save(self.out / "last.pt", model, self.config, self.settings, optimizer, step)
+            if self.settings.keep_checkpoints:
+                save_checkpoint(self.out / f"model-{step:06d}.pt", model, self.config, step=step,
+                                train=dataclasses.asdict(self.settings), metrics={"loss": loss})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics_file.close()
+
+    def save_final(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, metrics: dict) -> None:
+        """OUT/last.pt at the end of the run, and OUT/model.pt when the run has reached --steps."""
+        _save(self.out / "last.pt", model, self.config, self.settings, optimizer, step, metrics)
+        if step == self.settings.steps:
+            save_checkpoint(self.out / "model.pt", model, self.config, step=step,
+                            train=dataclasses.asdict(self.settings), metrics=metrics)
 
 
 @torch.no_grad()

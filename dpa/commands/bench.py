@@ -253,6 +253,33 @@ def int8_variant(export_dir: Path, calibration_clips: str, threads: int | None =
     return result.variants["int8"], None
 
 
+def _live_frames(uri: str, count: int) -> tuple[list | None, str | None]:
+    """The live source's first `count` frames decoded through GStreamer, or (None, why not)."""
+    try:
+        return decode_source(uri, count), None
+    except (DpaError, ImportError) as error:
+        return None, f"the GStreamer source could not be read: {error}"
+
+
+def _target_timers(engine, engine_ii, models: TargetModels, frames, flows, settings: TimingSettings, device: str,
+                   config: dict) -> list:
+    """The timers every target run has: the runtime on paper-iv and paper-ii, PyTorch eager on both, the public
+    code's re-enactment on paper-iv."""
+    from dpa.training import bench_torch
+    from dpa.training.torch_engine import engine_model
+
+    config["pytorch"] = bench_torch.describe(device, settings.threads)
+    torch_iv = _torch_engine(models.paper_iv, device, settings.threads)
+    torch_ii = _torch_engine(models.paper_ii, device, settings.threads)
+    return [
+        runtime_timer(StageChain(engine), frames, flows, settings),
+        runtime_timer(StageChain(engine_ii), frames, flows, settings, name="runtime_paper_ii"),
+        eager_timer(torch_iv, frames, flows, settings),
+        eager_timer(torch_ii, frames, flows, settings, name="eager_paper_ii"),
+        bench_torch.reference_code_timer(engine_model(torch_iv), frames, flows, settings, device),
+    ]
+
+
 def run_targets(models: TargetModels, settings: TimingSettings, engine_options: EngineOptions | None = None,
                 live_source: str | None = None, calibration_clips: str = "synthetic:0..3",
                 live: bool = True, int8: bool = True) -> dict:
@@ -286,51 +313,28 @@ def run_targets(models: TargetModels, settings: TimingSettings, engine_options: 
     }
     report = base_report("targets", config)
     skipped = report["skipped"]
-    int8_directory = None
-    if int8:
-        int8_directory, reason = int8_variant(models.paper_iv, calibration_clips, settings.threads)
-        if int8_directory is None:
-            skipped["runtime_int8"] = reason
-    else:
-        skipped["runtime_int8"] = "left out (--no-int8)"
-    source_frames = None
-    if live:
-        try:
-            source_frames = decode_source(live_source, live_length)
-        except (DpaError, ImportError) as error:
-            skipped["live_loop"] = f"the GStreamer source could not be read: {error}"
-    else:
-        skipped["live_loop"] = "left out (--no-live)"
-
-    from dpa.training import bench_torch
-    from dpa.training.torch_engine import engine_model
-
+    int8_directory, skipped_int8 = (int8_variant(models.paper_iv, calibration_clips, settings.threads) if int8
+                                    else (None, "left out (--no-int8)"))
+    if skipped_int8:
+        skipped["runtime_int8"] = skipped_int8
+    source_frames, skipped_live = _live_frames(live_source, live_length) if live else (None, "left out (--no-live)")
+    if skipped_live:
+        skipped["live_loop"] = skipped_live
     with contextlib.ExitStack() as stack:
-        engine = stack.enter_context(open_bench_engine(models.paper_iv, "fp32", engine_options, settings.threads))
+        def engine_of(directory: Path, precision: str = "fp32"):
+            return stack.enter_context(open_bench_engine(directory, precision, engine_options, settings.threads))
+
+        engine = engine_of(models.paper_iv)
         config["engine"] = _engine_json(engine)
-        chain = StageChain(engine)
         device = _torch_device(engine.device, engine_options.device)
-        config["pytorch"] = bench_torch.describe(device, settings.threads)
-        engine_ii = stack.enter_context(open_bench_engine(models.paper_ii, "fp32", engine_options, settings.threads))
-        chain_ii = StageChain(engine_ii)
-        torch_iv = _torch_engine(models.paper_iv, device, settings.threads)
-        torch_ii = _torch_engine(models.paper_ii, device, settings.threads)
-        timers = [
-            runtime_timer(chain, frames, flows, settings),
-            runtime_timer(chain_ii, frames, flows, settings, name="runtime_paper_ii"),
-            eager_timer(torch_iv, frames, flows, settings),
-            eager_timer(torch_ii, frames, flows, settings, name="eager_paper_ii"),
-            bench_torch.reference_code_timer(engine_model(torch_iv), frames, flows, settings, device),
-        ]
+        timers = _target_timers(engine, engine_of(models.paper_ii), models, frames, flows, settings, device, config)
         if int8_directory is not None:
-            engine_int8 = stack.enter_context(open_bench_engine(models.paper_iv, "int8", engine_options,
-                                                                settings.threads))
+            engine_int8 = engine_of(models.paper_iv, "int8")
             config["engine_int8"] = _engine_json(engine_int8)
-            timers.append(runtime_timer(StageChain(engine_int8), frames, flows,
-                                        settings, name="runtime_int8"))
+            timers.append(runtime_timer(StageChain(engine_int8), frames, flows, settings, name="runtime_int8"))
         if source_frames is not None:
-            timers.append(segmenter_live_timer(chain, source_frames, settings))
-            timers.append(live_loop_timer(chain, live_source, settings, config["engine"]))
+            timers.append(segmenter_live_timer(StageChain(engine), source_frames, settings))
+            timers.append(live_loop_timer(StageChain(engine), live_source, settings, config["engine"]))
         interleave(timers, settings.repeats, settings.progress)
     measurements = report["measurements"] = {timer.samples.name: timer.samples.to_json() for timer in timers}
     report["ratios"], report["targets"] = evaluate_ratios(measurements, TARGET_RATIOS, skipped)

@@ -14,13 +14,8 @@ from onnx import TensorProto, numpy_helper
 
 from dpa.calibration.clips import load_labelled_clip, offline_flows
 from dpa.calibration.feeds import load_feeds
-from dpa.calibration.variants import (
-    CUSTOM_DOMAIN,
-    FLOAT32_OP_TYPES,
-    QUANTIZED_OP_TYPES,
-    float32_nodes,
-    tensorrt_qdq_problems,
-)
+from dpa.calibration.fp16 import FLOAT32_OP_TYPES, float32_nodes
+from dpa.calibration.int8 import CUSTOM_DOMAIN, QUANTIZED_OP_TYPES, tensorrt_qdq_problems
 from dpa.cli import main
 from dpa.runtime.chain import StageChain
 from dpa.runtime.engines import open_engine

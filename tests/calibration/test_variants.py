@@ -8,15 +8,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dpa.calibration.ranges import entropy_amax, percentile_amax
-from dpa.calibration.variants import (
-    convert_to_float16,
-    float32_nodes,
+from dpa.calibration.fp16 import convert_to_float16, float32_nodes
+from dpa.calibration.int8 import (
     place_qdq_for_tensorrt,
     quantized_activations,
     split_concat_conv,
     tensorrt_qdq_problems,
 )
+from dpa.calibration.ranges import entropy_amax, percentile_amax
 
 
 def _model(nodes, inputs, outputs, initializers, opset=18):

@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 
 from dpa.errors import DpaError
-from dpa.runtime import video
 from dpa.runtime.video import VideoSource
+from dpa.runtime.video.gst import _gst
 
 
 def _gstreamer():
     """(Gst, None) or (None, why GStreamer cannot be used here); through the runtime's own loader."""
     try:
-        return video._gst(), None
+        return _gst(), None
     except DpaError as error:
         return None, str(error)
 

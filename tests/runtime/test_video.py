@@ -19,14 +19,15 @@ from gstreamer_support import (
 )
 
 from dpa.errors import DpaError
-from dpa.runtime import video
 from dpa.runtime.video import (
     SinkSpec,
     SourceSpec,
     VideoOutput,
     VideoSource,
+    gst,
     parse_sink,
     parse_source,
+    pipelines,
     rtsp_media_description,
     sink_description,
     source_description,
@@ -122,9 +123,9 @@ def test_sink_descriptions(monkeypatch):
     assert describe("rtsp://@:8554/live") == (head.format(live="true") + " ! videoconvert ! "
                                               "video/x-raw,format=I420 ! intervideosink "
                                               "channel=dpa-rtsp-8554-live sync=false")
-    monkeypatch.setattr(video, "_on_jetson", lambda: False)
+    monkeypatch.setattr(pipelines, "_on_jetson", lambda: False)
     assert describe("display://0") == head.format(live="true") + " ! videoconvert ! autovideosink sync=false"
-    monkeypatch.setattr(video, "_on_jetson", lambda: True)
+    monkeypatch.setattr(pipelines, "_on_jetson", lambda: True)
     assert describe("display://0") == (head.format(live="true") + " ! videoconvert ! video/x-raw,format=RGBA ! "
                                        "nvvidconv ! nv3dsink sync=false")
     assert sink_description(parse_sink("null://"), 64, 48, 29.97).startswith(
@@ -410,7 +411,7 @@ def test_unreachable_rtsp_source_is_a_clear_error():
 
 def skip_without_rtsp_server() -> None:
     try:
-        video._rtsp_server_module()
+        gst._rtsp_server_module()
     except DpaError as error:
         pytest.skip(str(error))
 
@@ -459,8 +460,8 @@ def test_cpp_exceptions_still_work_after_gstreamer_loads():
     """Debian's GStreamer brings libunwind into the global symbol scope; without the runtime's guard, the first C++
     exception in onnx (or torch) afterwards aborts the process (rc 134) instead of raising."""
     code = (
-        "from dpa.runtime import video\n"
-        "video._gst()\n"
+        "from dpa.runtime.video.gst import _gst\n"
+        "_gst()\n"
         "import onnx\n"
         "from onnx import TensorProto, helper\n"
         "inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [s]) for n, s in (('a', 2), ('b', 3))]\n"

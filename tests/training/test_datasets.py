@@ -12,12 +12,8 @@ import torch
 
 from dpa.constants import IMAGENET_MEAN, IMAGENET_STD
 from dpa.errors import DpaError
-from dpa.training.datasets import (
-    ClipDataset,
-    MixedDataset,
-    OfflineClip,
-    SaliencyDataset,
-    VideoSequence,
+from dpa.training.datasets import ClipDataset, MixedDataset, OfflineClip, SaliencyDataset
+from dpa.training.layouts import (
     detect_layout,
     load_davis2016,
     load_duts,
@@ -25,8 +21,8 @@ from dpa.training.datasets import (
     load_preprocessed,
     load_sequences,
     load_youtube_vos,
-    read_mask_or_none,
 )
+from dpa.training.sequences import VideoSequence, read_mask_or_none
 
 HEIGHT, WIDTH = 24, 32
 SIZE = 32

@@ -8,13 +8,15 @@ A narrower encoder keeps a subset of each layer's filters, chosen on real frames
    filters that fire most on the video the model will see. They keep their original order.
 2. Slicing. A kept filter's weights are sliced to the previous layer's kept filters (the first layer keeps
    the three RGB inputs), so every layer of the narrow encoder reads exactly the channels it keeps.
-3. Rescaling. Dropping inputs shrinks each pre-activation, and VGG has no normalisation to undo that, so the
-   shrinkage would compound over 13 layers. Each kept filter therefore gets weight × a and a new bias c
-   such that, on the same frames and fed by the narrow layers before it, its pre-activation has the mean
-   and standard deviation of the full network's filter (a = 1 where the narrow pre-activation is constant).
-
-The motion encoder gets the same weights as the appearance encoder (the paper copies the appearance
-encoder to the motion encoder after stage 1).
+3. Rescaling. Dropping inputs changes each pre-activation, and VGG has no normalisation to undo that, so the
+   change would compound over 13 layers. Each kept filter therefore gets weight × a and a new bias c, fitted on the
+   same frames with the narrow layers before it: it fires (is positive) at the same fraction of positions as the
+   full network's filter, and its mean activation is the full filter's divided by the full layer's activation
+   std. Matching the fraction active keeps the deep layers as sparse as VGG's (matching Gaussian moments did not:
+   the pre-activations are heavy-tailed, and blocks 4-5 ended 97-99 % zero instead of 88-94 %); dividing by the
+   layer's std puts every layer at unit scale. The weights distributed as Keras/Caffe VGG-16 (the shared file's
+   origin) have activations in the hundreds (the Caffe 0-255 input range), which drowned the attention outputs
+   that the IMA fusion concatenates to them and left BatchNorm running variances at 1e10 next to 1e-18.
 """
 
 from __future__ import annotations
@@ -86,11 +88,8 @@ def vgg16_subset(state_dict: dict[str, torch.Tensor], channels: list[int], frame
         kept = sorted(order[:count].tolist())
         sliced = weight[kept][:, previous_kept]
         narrow_z = F.conv2d(narrow, sliced, padding=1)  # without bias: c replaces it
-        target = full_z[:, kept]
-        target_mean, target_std = target.mean(dim=(0, 2, 3)), target.std(dim=(0, 2, 3))
-        own_mean, own_std = narrow_z.mean(dim=(0, 2, 3)), narrow_z.std(dim=(0, 2, 3))
-        scale = torch.where(own_std > 0, target_std / own_std.clamp_min(1e-12), torch.ones_like(own_std))
-        new_bias = target_mean - scale * own_mean
+        layer_scale = float(full_z.clamp_min(0).std()) or 1.0
+        scale, new_bias = _fit_activity(narrow_z, full_z[:, kept], layer_scale)
         new_weight = sliced * scale[:, None, None, None]
         result.kept.append(kept)
         result.scale.append(scale)
@@ -100,6 +99,27 @@ def vgg16_subset(state_dict: dict[str, torch.Tensor], channels: list[int], frame
         narrow = F.conv2d(narrow, new_weight, new_bias, padding=1).clamp_min(0)
         previous_kept = kept
     return result
+
+
+def _fit_activity(
+    narrow_z: torch.Tensor, target_z: torch.Tensor, layer_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel (a, c) such that max(a·narrow_z + c, 0) is positive at the fraction of positions where target_z
+    is, with mean max(target_z, 0) / layer_scale. narrow_z, target_z: (B, C, H, W). A channel whose narrow
+    pre-activation is constant gets a = 1 and the constant activation that has that mean."""
+    channels = narrow_z.shape[1]
+    narrow = narrow_z.transpose(0, 1).reshape(channels, -1)
+    target = target_z.transpose(0, 1).reshape(channels, -1)
+    active = (target > 0).float().mean(dim=1)  # fraction of positions where the full filter fires
+    wanted = target.clamp_min(0).mean(dim=1) / layer_scale
+    ordered = torch.sort(narrow, dim=1).values
+    rank = ((1 - active) * (ordered.shape[1] - 1)).round().long()
+    threshold = ordered.gather(1, rank[:, None])[:, 0]  # the narrow value above which that fraction lies
+    excess = (narrow - threshold[:, None]).clamp_min(0).mean(dim=1)
+    varies = excess > 1e-12
+    scale = torch.where(varies, wanted / excess.clamp_min(1e-12), torch.ones_like(wanted))
+    bias = torch.where(varies, -scale * threshold, wanted - threshold)
+    return scale, bias
 
 
 def encoder_channels(encoder: VGG16Encoder) -> list[int]:

@@ -82,9 +82,6 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--form", choices=("functions", "portable"),
                         help="which exported form to run (default functions, else portable)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
-    parser.add_argument("--fp64", action="store_true",
-                        help="also evaluate the PyTorch chain in float64 and report how far PyTorch fp32 and ONNX "
-                        "Runtime each are from it (tells export errors from fp32 rounding the network amplifies)")
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
 
 
@@ -97,8 +94,7 @@ def run_check(args: argparse.Namespace) -> int:
     if args.frames < 1:
         raise DpaError("--frames must be at least 1")
     report = check_export(args.directory, checkpoint=args.checkpoint, clip=args.clip, frames=args.frames,
-                          clip_length=args.clip_length, seed=args.seed, form=args.form, threads=args.threads,
-                          fp64=args.fp64)
+                          clip_length=args.clip_length, seed=args.seed, form=args.form, threads=args.threads)
     print(format_report(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -266,7 +266,7 @@ def _judge_verification(decoder: dict, out: Path, weights: WeightsRecord) -> Non
     if weights.init == "checkpoint":
         raise DpaError(message)
     log.warning("%s; untrained weights amplify fp32 rounding (raw initialisation: logits of |100|s), so this "
-                "is expected for them; `dpa check --fp64` tells rounding from export errors", message)
+                "is expected for them; `dpa check` tells rounding from export errors (float64)", message)
 
 
 UNTRAINED_WEIGHTS = "untrained.pt"

@@ -68,6 +68,11 @@ def test_check_reports_json_and_exit_code(exported, checkpoint, tmp_path, capsys
     assert all(set(o) >= {"max_abs", "cosine"} for o in report["outputs"].values())
     assert report["probability_max_abs"] == report["outputs"]["decoder/probability"]["max_abs"]
     assert "decoder/probability" in capsys.readouterr().out
+    # The probability bound: max(1e-4, twice PyTorch fp32's own distance to the float64 evaluation).
+    rounding = report["float64"]["pytorch_fp32"]["max_abs"]
+    assert 0 < rounding == report["tolerances"]["probability_fp32_rounding"]
+    assert report["tolerances"]["probability_max_abs"] == max(1e-4, 2 * rounding)
+    assert report["outputs"]["decoder/probability"]["ok"] == (report["probability_max_abs"] <= max(1e-4, 2 * rounding))
 
 
 @pytest.mark.slow

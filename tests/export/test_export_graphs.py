@@ -138,7 +138,7 @@ def assert_parity(report: dict) -> None:
 @pytest.mark.parametrize("form", ["functions", "portable"])
 def test_chained_graphs_match_pytorch_on_a_clip(exported, form):
     out, _, _ = exported
-    report = check.check_export(out, clip_length=6, frames=3, form=form, threads=1, progress=False, fp64=True)
+    report = check.check_export(out, clip_length=6, frames=3, form=form, threads=1, progress=False)
     assert_parity(report)
     assert report["reference_frames"] == [0, 2, 5] and report["frames"] == [0, 2, 5]
     assert set(report["outputs"]) >= {"encoder/f1", "encoder/f5_motion", "ima/ima5_appearance",
@@ -195,7 +195,7 @@ def test_ablation_configs(tmp_path, preset, graph_names, custom):
     decoder_inputs = [t["name"] for t in manifest["graphs"]["decoder"]["inputs"]]
     assert ("memory_valid" in decoder_inputs) == config.uses_ifa
     assert ("ima5_appearance" in decoder_inputs) == config.uses_ima
-    report = check.check_export(tmp_path, clip_length=4, frames=2, threads=1, progress=False, fp64=True)
+    report = check.check_export(tmp_path, clip_length=4, frames=2, threads=1, progress=False)
     assert_parity(report)
 
 

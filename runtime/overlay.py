@@ -6,6 +6,9 @@ import cv2
 import numpy as np
 
 OVERLAY_COLOUR = np.array([255, 64, 32], dtype=np.float32)  # RGB tint of the foreground
+# floor((pixel + colour) / 2) = (pixel >> 1) + (colour >> 1) + (pixel & colour & 1), in uint8 without overflow
+_HALF_COLOUR = OVERLAY_COLOUR.astype(np.uint8) >> 1
+_ODD_COLOUR = OVERLAY_COLOUR.astype(np.uint8) & 1
 TEXT_COLOUR = (255, 255, 255)
 
 
@@ -14,10 +17,14 @@ def draw_overlay(frame: np.ndarray, mask: np.ndarray, lines: list[str] | tuple[s
     white, and `lines` of text at the top left (scaled to the frame height, on a darkened box)."""
     if frame.shape[:2] != mask.shape:
         raise ValueError(f"frame {frame.shape[:2]} and mask {mask.shape} differ in size")
-    shown = frame.astype(np.float32)
-    shown[mask] = 0.5 * shown[mask] + 0.5 * OVERLAY_COLOUR
-    shown = shown.astype(np.uint8)
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    shown = frame.copy()
+    mask_bytes = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
+    x, y, width, height = cv2.boundingRect(mask_bytes)
+    if width and height:  # blend inside the mask's bounding box only, in uint8: floor((pixel + colour) / 2)
+        region = frame[y:y + height, x:x + width]
+        tinted = (region >> 1) + _HALF_COLOUR + (region & _ODD_COLOUR)
+        cv2.copyTo(tinted, mask_bytes[y:y + height, x:x + width], shown[y:y + height, x:x + width])
+    contours, _ = cv2.findContours(mask_bytes, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(shown, contours, -1, TEXT_COLOUR, 1)
     if lines:
         scale = min(1.2, max(0.4, frame.shape[0] / 600))  # font scale: ~10 px glyphs at 256 rows, ~20 px at 720

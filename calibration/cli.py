@@ -10,7 +10,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from dpa import options
 from dpa.command import command
+from dpa.outputs import FOLDER, Output, optional
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,23 @@ def _calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
                         help="int8: node-name patterns (fnmatch) to leave float, besides the prototype-attention "
                         "nodes (always excluded)")
-    parser.add_argument("--max-frames", type=int, metavar="N", help="use only the first N frames of each clip")
-    parser.add_argument("--synthetic-length", type=int, default=12, metavar="L",
+    parser.add_argument("--max-frames", type=options.COUNT, metavar="N",
+                        help="use only the first N frames of each clip")
+    parser.add_argument("--synthetic-length", type=options.integer(1, 10000), default=12, metavar="L",
                         help="frames per synthetic clip (default 12)")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
+    parser.add_argument("--threads", type=options.THREADS, help="ONNX Runtime intra-op threads (default: its own)")
+
+
+def _calibrate_outputs(args: argparse.Namespace) -> list[Output]:
+    from dpa.calibration.feeds import FEEDS_FOLDER
+
+    out = Path(args.out or args.export_dir)
+    return [Output(out / FEEDS_FOLDER, FOLDER, "calibration feeds")] + [
+        Output(out / precision, FOLDER, f"{precision} variant") for precision in args.precisions]
 
 
 @command("calibrate", "record calibration feeds from real frames and write the fp16 and int8 (Q/DQ) graph variants",
-         arguments=_calibrate_arguments)
+         arguments=_calibrate_arguments, outputs=_calibrate_outputs)
 def run_calibrate(args: argparse.Namespace) -> int:
     from dpa.calibration.calibrate import calibrate
 
@@ -70,12 +81,14 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated (default fp32,fp16,int8)")
     parser.add_argument("--out", required=True, metavar="REPORT_DIR",
                         help="report folder: report.md, report.json, PNG plots, masks/")
-    parser.add_argument("--max-frames", type=int, metavar="N", help="use only the first N frames of each clip")
-    parser.add_argument("--synthetic-length", type=int, default=12, metavar="L",
+    parser.add_argument("--max-frames", type=options.COUNT, metavar="N",
+                        help="use only the first N frames of each clip")
+    parser.add_argument("--synthetic-length", type=options.integer(1, 10000), default=12, metavar="L",
                         help="frames per synthetic clip (default 12)")
-    parser.add_argument("--layer-frames", type=int, default=2, metavar="K",
+    parser.add_argument("--layer-frames", type=options.COUNT_OR_ZERO, default=2, metavar="K",
                         help="frames per clip for the per-layer error analysis of fp16/int8 (0: skip; default 2)")
-    parser.add_argument("--worst", type=int, default=4, metavar="K", help="worst frames to show (default 4)")
+    parser.add_argument("--worst", type=options.COUNT_OR_ZERO, default=4, metavar="K",
+                        help="worst frames to show (default 4)")
     group = parser.add_argument_group("engines (as for dpa build / dpa run)")
     group.add_argument("--device", default="auto",
                        help="auto (default: the best present), cpu, cuda or cuda:N; the PyTorch reference runs on "
@@ -85,19 +98,16 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--plugins", metavar="LIB", help="libdpa_plugins.so or its folder (TensorRT)")
     group.add_argument("--providers", metavar="LIST",
                        help="ONNX Runtime execution providers, comma-separated (default: from --device)")
-    group.add_argument("--threads", type=int, metavar="N",
+    group.add_argument("--threads", type=options.THREADS, metavar="N",
                        help="ONNX Runtime and PyTorch intra-op threads (default: their own)")
 
 
 @command("compare", "compare backends x precisions with the PyTorch fp32 model on the same clips: IoU, J/F, errors",
-         arguments=_compare_arguments)
+         arguments=_compare_arguments, outputs=lambda args: optional(args.out, FOLDER, "report folder"))
 def run_compare(args: argparse.Namespace) -> int:
     from dpa.calibration.compare import compare
     from dpa.calibration.report import format_summary
-    from dpa.errors import DpaError
 
-    if args.threads is not None and args.threads < 1:
-        raise DpaError("--threads must be at least 1")
     engine_options = {"cache_dir": args.cache, "plugin_library": args.plugins}
     if args.providers:
         engine_options["providers"] = _comma_list(args.providers)

@@ -30,6 +30,8 @@ import numpy as np
 from dpa.calibration.clips import LabelledClip, load_labelled_clips, offline_flows
 from dpa.errors import DpaError
 from dpa.export.agreement import TensorError
+from dpa.images import write_image
+from dpa.progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +122,7 @@ class _WorstFrame:
 
 
 def _write_mask(path: Path, mask: np.ndarray) -> None:
-    import cv2
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), mask.astype(np.uint8) * 255):
-        raise DpaError(f"cannot write {path}; check that the report folder is writable")
+    write_image(path, mask.astype(np.uint8) * 255)
 
 
 def _score(names: list[str], ground_truth: list[np.ndarray], masks: list[np.ndarray]) -> dict:
@@ -230,11 +228,9 @@ def _compare_clips(clips: list[LabelledClip], manifest, reference: Run, runs: li
                    layer_frames: int, worst: int, progress: bool) -> _Measured:
     """Every frame of every clip through the reference and the runs (a progress bar over frames), keeping the
     `worst` frames with the lowest IoU and the graph inputs of `layer_frames` frames per clip."""
-    from tqdm import tqdm
-
     layer_feeds: dict[str, list[dict[str, np.ndarray]]] = {graph: [] for graph in _graph_inputs(manifest)}
     rows, references, worst_heap, flow_source = [], [], [], ""
-    bar = tqdm(total=sum(clip.length for clip in clips), desc="compare", unit="frame", disable=not progress)
+    bar = Bar(sum(clip.length for clip in clips), "compare", "frame", enabled=progress)
     for clip in clips:
         flows, flow_source = offline_flows(clip.frames, manifest.size)
         state = _start_clip(clip, flows, reference, runs, layer_frames)
@@ -244,7 +240,7 @@ def _compare_clips(clips: list[LabelledClip], manifest, reference: Run, runs: li
                 heapq.heappush(worst_heap, candidate)
             elif worst > 0:
                 heapq.heappushpop(worst_heap, candidate)
-            bar.update()
+            bar.advance()
         references.append(_finish_clip(state, reference, runs, rows, manifest.size))
     bar.close()
     return _Measured(rows, references, sorted(worst_heap, reverse=True), flow_source, layer_feeds)

@@ -28,7 +28,9 @@ import numpy as np
 
 from dpa.calibration.clips import LabelledClip, offline_flows
 from dpa.errors import DpaError
+from dpa.files import atomic_path, write_text_atomically
 from dpa.manifest import Manifest
+from dpa.progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +131,6 @@ def record_feeds(
     recorded with role "reference"), then every frame segmented (encoder, ima, decoder feeds, role "frame") and
     the memory graph run on each non-reference frame as well (role "frame"). Raises DpaError without clips.
     """
-    from tqdm import tqdm
-
     from dpa.runtime.chain import StageChain
     from dpa.runtime.engines import open_engine
 
@@ -144,11 +144,10 @@ def record_feeds(
     recorder = _Recorder(engine)
     chain = StageChain(recorder.recording_engine())
     clip_records, flow_source = [], ""
-    bar = tqdm(total=sum(clip.length for clip in clips), desc="record feeds", unit="frame", disable=not progress)
-    for clip in clips:
-        flows, flow_source = offline_flows(clip.frames, manifest.size)
-        clip_records.append(_record_clip(recorder, chain, clip, flows, bar.update))
-    bar.close()
+    with Bar(sum(clip.length for clip in clips), "record feeds", "frame", enabled=progress) as bar:
+        for clip in clips:
+            flows, flow_source = offline_flows(clip.frames, manifest.size)
+            clip_records.append(_record_clip(recorder, chain, clip, flows, bar.advance))
     arrays = {
         graph: {name: np.stack([feed[name] for feed in feeds]) for name in feeds[0]}
         for graph, feeds in recorder.feeds.items() if feeds
@@ -210,7 +209,8 @@ def save_feeds(feeds: FeedSet, directory: str | Path) -> Path:
     graphs = {}
     for graph, arrays in feeds.arrays.items():
         file = f"{graph}.npz"
-        np.savez(directory / file, **arrays)
+        with atomic_path(directory / file) as temporary:
+            np.savez(temporary, **arrays)
         graphs[graph] = {
             "file": file,
             "count": feeds.count(graph),
@@ -221,7 +221,7 @@ def save_feeds(feeds: FeedSet, directory: str | Path) -> Path:
     index = {"format": FEEDS_FORMAT, "export": feeds.export, "flow": feeds.flow, "clips": feeds.clips,
              "graphs": graphs}
     path = directory / FEEDS_INDEX
-    path.write_text(json.dumps(index, indent=1) + "\n")
+    write_text_atomically(path, json.dumps(index, indent=1) + "\n")
     return path
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dpa.errors import DpaError
+from dpa.files import write_text_atomically
 
 PLOTS = ("iou_per_frame.png", "error_histogram.png", "worst_frames.png")
 TILE_HEIGHT = 240  # pixels of one overlay in worst_frames.png
@@ -267,8 +268,8 @@ def write_report(report: dict, out: str | Path, worst_frames: list, labels: list
         files = {"markdown": str(out / "report.md"), "json": str(out / "report.json"),
                  "plots": [str(plot) for plot in plots]}
         report["files"] = files
-        (out / "report.md").write_text(format_markdown(report))
-        (out / "report.json").write_text(json.dumps(json_ready(report), indent=1) + "\n")
+        write_text_atomically(out / "report.md", format_markdown(report))
+        write_text_atomically(out / "report.json", json.dumps(json_ready(report), indent=1) + "\n")
     except OSError as error:
         raise DpaError(f"cannot write the report into {out}: {error}") from error
     return files

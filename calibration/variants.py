@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpa import stop
 from dpa.calibration.feeds import FeedSet, check_feeds_match
 from dpa.calibration.fp16 import FLOAT32_OP_TYPES, convert_to_float16, float32_nodes
 from dpa.calibration.int8 import (
@@ -32,6 +33,8 @@ from dpa.calibration.int8 import (
 )
 from dpa.calibration.ranges import HISTOGRAM_BINS, PERCENTILE
 from dpa.errors import DpaError
+from dpa.files import atomic_path, file_sha256
+from dpa.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,8 @@ def _save(model, path: Path, form: str) -> int:
     import onnx
 
     onnx.checker.check_model(model, full_check=form != "plugin")
-    onnx.save(model, str(path))
+    with atomic_path(path) as temporary:
+        onnx.save(model, str(temporary))
     return path.stat().st_size
 
 
@@ -106,6 +110,7 @@ def write_variant(
                      "split_convs": {}, "split_ratio": split_ratio}
     started = time.perf_counter()
     for graph, spec in manifest.graphs.items():
+        stop.check()  # a stop point between graphs; without manifest.json the folder is not a variant
         source = manifest.graph_file(export_dir, graph, "functions")
         if precision == "fp16":
             converted = _fp16_graph(source, graph, details)
@@ -115,7 +120,7 @@ def write_variant(
         sample = list(feeds.feeds(graph, limit=verify_feeds))
         verification = _verify_forms(source, target, spec.files, manifest.forms, sample, threads)
         graphs[graph] = dataclasses.replace(spec, details={
-            **spec.details, "bytes": sizes,
+            **spec.details, "bytes": sizes, "sha256": {file: file_sha256(target / file) for file in sizes},
             "verification": {"form": "functions", "against": "fp32 graph", **verification}})
         log.info("%s %s: %s (max abs vs fp32 on %d feeds: %s)", precision, graph,
                  ", ".join(f"{f} {s / 2**20:.2f} MiB" for f, s in sizes.items()), len(sample),
@@ -135,8 +140,6 @@ def write_variant(
 def _fp32_source(export_dir: Path, precision: str, feeds: FeedSet):
     """The manifest of `export_dir` once it is known to be an fp32 export with the functions form that `feeds`
     were recorded from; DpaError otherwise, or when `precision` is not a variant precision."""
-    from dpa.manifest import Manifest
-
     if precision not in VARIANT_PRECISIONS:
         raise DpaError(f"unknown variant precision {precision!r}; choose from {', '.join(VARIANT_PRECISIONS)}")
     manifest = Manifest.load(export_dir)
@@ -237,6 +240,8 @@ def _describe(precision: str, export_dir: Path, target: Path, feeds: FeedSet, me
                               for clip in feeds.clips],
         "flow": feeds.flow,
         "seconds": round(seconds, 2),
+        # the fp32 files it was made from: a variant whose export changed since is refused (`resolve_variant`)
+        "source_sha256": Manifest.load(export_dir).file_hashes(),
     }
     if precision == "fp16":
         return {**common, "float16": "every standard-op node except float32_op_types; initializers stored as float16",

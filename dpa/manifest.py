@@ -301,8 +301,9 @@ class Manifest:
     def memory_spec(self) -> MemorySpec | None:
         return self.pipeline.memory
 
-    def graph_file(self, directory: str | Path, graph: str, form: str) -> Path:
-        """The file of `graph` in `form`; DpaError when that form was not exported or the file is missing."""
+    def graph_file(self, directory: str | Path, graph: str, form: str, verify: bool = True) -> Path:
+        """The file of `graph` in `form`; DpaError when that form was not exported, the file is missing or (with
+        `verify`) its bytes are not those the export recorded (sha256): a file replaced or damaged since."""
         files = self.graphs[graph].files
         if form not in files:
             raise DpaError(f"form {form!r} was not exported to {directory} (exported: {', '.join(files)}); "
@@ -310,7 +311,19 @@ class Manifest:
         path = Path(directory) / files[form]
         if not path.is_file():
             raise DpaError(f"{path} is missing: the export directory is incomplete; re-export")
+        expected = self.graphs[graph].details.get("sha256", {}).get(files[form])
+        if verify and expected is not None:
+            from dpa.files import file_sha256
+
+            if file_sha256(path) != expected:
+                raise DpaError(f"{path} is not the file that was exported (its sha256 differs from the manifest's): "
+                               "it was replaced or damaged since; re-export (or re-run `dpa calibrate` for a "
+                               "variant)")
         return path
+
+    def file_hashes(self) -> dict[str, dict[str, str]]:
+        """graph -> {file: sha256} as recorded at export (empty for exports made before hashes were recorded)."""
+        return {name: dict(graph.details.get("sha256", {})) for name, graph in self.graphs.items()}
 
     def with_changes(self, **changes: Any) -> Manifest:
         return replace(self, **changes)

@@ -43,6 +43,7 @@ import torch
 from dpa.export.agreement import TensorError
 from dpa.export.frames import load_clip, preprocess_clip, synthetic_clip
 from dpa.manifest import Manifest
+from dpa.progress import Bar
 from dpa.runtime.chain import StageChain
 from dpa.runtime.engines import open_engine
 from dpa.runtime.memory import MemoryBank
@@ -181,8 +182,6 @@ def check_export(
     network's amplification of its inputs'. The PyTorch chain also runs in float64: both fp32 implementations'
     distance to it is reported, and it sets the probability tolerance (module doc).
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     manifest = Manifest.load(directory)
     ort_engine = open_engine(directory, "onnxruntime", device="cpu", threads=threads, form=form)
@@ -198,13 +197,13 @@ def check_export(
     rgb, flow, flow_source = preprocess_clip(source, sorted(set(checked) | set(references)), config.size)
     log.info("checking %s (%s form) on %s: frames %s, references %s", directory, ort_engine.form, source.source,
              checked, references)
-    with tqdm(total=len(references) + len(checked), desc="check", unit="frame", disable=not progress) as bar:
+    with Bar(len(references) + len(checked), "check", "frame", enabled=progress) as bar:
         for slot, index in enumerate(references):
             check.reference(slot, rgb[index], flow[index])
-            bar.update()
+            bar.advance()
         for index in checked:
             check.query(rgb[index], flow[index], config.uses_ima)
-            bar.update()
+            bar.advance()
     first = checked[0]
     tolerance = check.probability_tolerance()
     validity = _memory_validity(config, check.onnxruntime.chain, check.pytorch, rgb[first], flow[first], model, seed,

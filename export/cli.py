@@ -10,7 +10,10 @@ import json
 import logging
 from pathlib import Path
 
+from dpa import options
 from dpa.command import command
+from dpa.files import write_text_atomically
+from dpa.outputs import FILE, FOLDER, optional
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +24,10 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                         "initialisation is exported (a warning; the manifest says so)")
     parser.add_argument("--config", help="preset (paper-i … paper-xi, paper, tiny); with --checkpoint only to "
                         "assert its architecture; without, the model to initialise (default paper-iv)")
-    parser.add_argument("--size", type=int, help="input size S, a multiple of 32 (default: the config's)")
-    parser.add_argument("--memory", type=int, help="memory capacity N, reference frames (default: the config's)")
-    parser.add_argument("--width", type=float, help="without --checkpoint: channel width multiplier override")
+    parser.add_argument("--size", type=options.SIZE, help="input size S, a multiple of 32 (default: the config's)")
+    parser.add_argument("--memory", type=options.MEMORY,
+                        help="memory capacity N, reference frames (default: the config's)")
+    parser.add_argument("--width", type=options.WIDTH, help="without --checkpoint: channel width multiplier override")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder for the .onnx files and manifest.json")
     parser.add_argument("--form", default="functions",
@@ -38,20 +42,22 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-clip", metavar="PATH",
                         help="with --init calibrated: a clip folder (JPEGImages/ or images) to calibrate on instead "
                         "of a synthetic clip; natural video gives the untrained network a realistic range")
-    parser.add_argument("--opset", type=int, default=18, help="ai.onnx opset, 18-21 (default 18)")
+    parser.add_argument("--opset", type=options.integer(18, 21), default=18, help="ai.onnx opset, 18-21 (default 18)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip running each file in ONNX Runtime against PyTorch right after export")
 
 
+def _export_outputs(args: argparse.Namespace):
+    # the whole folder: --overwrite empties it, so no graph, variant (fp16/, int8/) or plan of another export stays
+    return optional(args.out, FOLDER, "export folder")
+
+
 @command("export", "export stage graphs (encoder, ima, ifa_memory, decoder) as ONNX with a manifest",
-         arguments=_export_arguments)
+         arguments=_export_arguments, outputs=_export_outputs)
 def run_export(args: argparse.Namespace) -> int:
-    from dpa.errors import DpaError
     from dpa.export.exporter import export_stage_graphs, model_for_export, parse_forms
 
     forms = parse_forms(args.form)
-    if not 18 <= args.opset <= 21:
-        raise DpaError(f"--opset {args.opset}: choose 18 to 21")
     model, weights = model_for_export(args.checkpoint, args.config, args.size, args.memory, init=args.init,
                                       out=args.out, width=args.width,
                                       calibration_clip=args.calibration_clip)
@@ -74,30 +80,27 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the checkpoint the graphs were exported from (not needed for a random-init export)")
     parser.add_argument("--clip", metavar="PATH",
                         help="a sequence folder with JPEGImages/ or a folder of images (default: a synthetic clip)")
-    parser.add_argument("--frames", type=int, default=8,
+    parser.add_argument("--frames", type=options.COUNT, default=8,
                         help="frames to compare, spread over the clip (default 8); the memory is sampled over the "
                         "whole clip")
-    parser.add_argument("--clip-length", type=int, default=12, help="synthetic clip length (default 12)")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic clip and garbage seed (default 0)")
+    parser.add_argument("--clip-length", type=options.integer(1, 10000), default=12,
+                        help="synthetic clip length (default 12)")
+    parser.add_argument("--seed", type=options.SEED, default=0, help="synthetic clip and garbage seed (default 0)")
     parser.add_argument("--form", choices=("functions", "portable"),
                         help="which exported form to run (default functions, else portable)")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
+    parser.add_argument("--threads", type=options.THREADS, help="ONNX Runtime intra-op threads (default: its own)")
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
 
 
 @command("check", "compare exported stage graphs (ONNX Runtime, chained) with the PyTorch model on real frames",
-         arguments=_check_arguments)
+         arguments=_check_arguments, outputs=lambda args: optional(args.json, FILE, "report JSON"))
 def run_check(args: argparse.Namespace) -> int:
-    from dpa.errors import DpaError
     from dpa.export.check import check_export, format_report
 
-    if args.frames < 1:
-        raise DpaError("--frames must be at least 1")
     report = check_export(args.directory, checkpoint=args.checkpoint, clip=args.clip, frames=args.frames,
                           clip_length=args.clip_length, seed=args.seed, form=args.form, threads=args.threads)
     print(format_report(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomically(args.json, json.dumps(report, indent=2) + "\n")
         log.info("wrote %s", args.json)
     return 0 if report["ok"] else 1

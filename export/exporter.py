@@ -26,9 +26,11 @@ import numpy as np
 import onnx
 import torch
 
+from dpa import stop
 from dpa.errors import DpaError
 from dpa.export import functions, ops
 from dpa.export.reference import OP_SPECS, PLUGIN_DOMAIN, PLUGIN_VERSION
+from dpa.files import atomic_path, file_sha256
 from dpa.manifest import FORMS, MANIFEST_FORMAT, MANIFEST_NAME, Manifest, WeightsRecord
 from dpa.training import stages
 from dpa.training.checkpoint import weights_sha256
@@ -187,6 +189,7 @@ def export_stage_graphs(
     entries: dict[str, dict] = {}
     start = time.perf_counter()
     for index, (name, wrapper) in enumerate(wrappers.items(), 1):
+        stop.check()  # a stop point between graphs; without manifest.json the folder is not an export
         log.info("[%d/%d] exporting %s (inputs %s)", index, len(wrappers), name, ", ".join(wrapper.input_names))
         entries[name] = _export_graph(name, wrapper, examples[name], out, forms, opset, metadata, verify)
     manifest = Manifest.from_dict({
@@ -231,7 +234,8 @@ def _export_graph(name: str, wrapper: torch.nn.Module, example: tuple[torch.Tens
         form_model.metadata_props.add(key="dpa.form", value=form if custom else "standard")
         onnx.checker.check_model(form_model, full_check=True)
         if file_name not in sizes:
-            onnx.save(form_model, out / file_name)
+            with atomic_path(out / file_name) as temporary:
+                onnx.save(form_model, temporary)
             sizes[file_name] = (out / file_name).stat().st_size
         files[form] = file_name
         counts[form] = functions.custom_nodes(form_model.graph)
@@ -239,6 +243,7 @@ def _export_graph(name: str, wrapper: torch.nn.Module, example: tuple[torch.Tens
         "file": files[forms[0]],
         "files": files,
         "bytes": sizes,
+        "sha256": {file: file_sha256(out / file) for file in sizes},  # checked when an engine opens the file
         "inputs": tensor_infos(list(model_proto.graph.input), name),
         "outputs": tensor_infos(list(model_proto.graph.output), name),
         "custom_nodes": counts,

@@ -16,6 +16,7 @@ directories of their own (`resolve_variant`). Backends are opened by `dpa.runtim
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ import numpy as np
 
 from dpa.errors import DpaError
 from dpa.manifest import MANIFEST_NAME, PRECISIONS, Manifest
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 CACHE_ENVIRONMENT_VARIABLE = "DPA_CACHE"
@@ -172,13 +175,28 @@ def resolve_variant(export_dir: str | os.PathLike, precision: str) -> Path:
     if own == precision:
         return directory
     variant = directory / precision
-    if (variant / MANIFEST_NAME).is_file() and Manifest.load(variant).precision == precision:
+    if (variant / MANIFEST_NAME).is_file() and (manifest := Manifest.load(variant)).precision == precision:
+        check_variant_source(directory, variant, manifest)
         return variant
     raise DpaError(
         f"{directory} holds {own} graphs and no {precision} variant ({variant} has no {precision} manifest); "
         f"precision lives in the graphs: make the variant with "
         f"`dpa calibrate {directory} --frames <calibration frames> --out {directory}`"
     )
+
+
+def check_variant_source(directory: Path, variant: Path, manifest: Manifest) -> None:
+    """DpaError when the fp32 graphs in `directory` are not those the variant was calibrated from (re-exported
+    since): its graphs would belong to another model."""
+    recorded = (manifest.variant or {}).get("source_sha256")
+    if recorded is None:
+        log.warning("%s does not record which fp32 files it was made from (made by an older dpa calibrate); re-run "
+                    "`dpa calibrate` to have that checked", variant)
+        return
+    if recorded != Manifest.load(directory).file_hashes():
+        raise DpaError(f"{variant} was calibrated from other fp32 graphs than {directory} holds now (re-exported "
+                       f"since); make it again: `dpa calibrate {directory} --frames <calibration frames> --out "
+                       f"{directory} --overwrite`")
 
 
 def default_cache_dir() -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import signal
 import threading
 import time
 from collections import deque
@@ -19,10 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from dpa import stop
 from dpa.errors import DpaError
+from dpa.files import write_text_atomically
+from dpa.images import MAX_FRAME_SIDE, MIN_FRAME_SIDE, write_image
+from dpa.outputs import FILE, FOLDER, FirstFailure, Output, claim_outputs
+from dpa.progress import Bar
 from dpa.runtime.chain import StageChain
 from dpa.runtime.flow import DISFlow, live_flow, model_flow_estimator, offline_flow
 from dpa.runtime.memory import OfflinePolicy, UniformPolicy
@@ -57,6 +62,7 @@ class RunSettings:
     read_timeout: float = 10.0  # seconds a source may stay silent
     overlay_text: bool = True
     fps: float | None = None  # output frame rate; None: the source's
+    overwrite: bool = False  # replace outputs that exist already (a mask folder is emptied first)
 
 
 @dataclass
@@ -65,58 +71,52 @@ class RunOutcome:
 
     summary: dict
     error: str | None = None
-    interrupted: bool = False
+    signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
     results: list[FrameResult] = field(default_factory=list)
 
     @property
+    def interrupted(self) -> bool:
+        return self.signal is not None
+
+    @property
     def exit_code(self) -> int:
-        return 130 if self.interrupted else (1 if self.error else 0)
+        return 128 + self.signal if self.signal is not None else (1 if self.error else 0)
 
 
 class MaskWriter:
-    """Writes mask PNGs (0/255, one channel) from a background thread so the loop never waits on the disk."""
+    """Writes mask PNGs (0/255, one channel) from a background thread so the loop never waits on the disk.
+
+    Each file is written whole or not at all (`write_image`); the first write that fails stops the writer
+    and is the error reported (by the next `write` or by `close`), naming its file and reason."""
 
     def __init__(self, folder: str | Path, depth: int = 64):
         self.folder = Path(folder)
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise DpaError(f"cannot create the mask folder {self.folder}: {error}") from error
-        probe = self.folder / ".dpa-write-test"
-        try:
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise DpaError(f"mask folder {self.folder} is not writable: {error}") from error
         self.written = 0
-        self._error: str | None = None
+        self.failure = FirstFailure()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._work, name="dpa-mask-writer", daemon=True)
         self._thread.start()
 
     def write(self, name: str, mask: np.ndarray) -> None:
-        if self._error:
-            raise DpaError(self._error)
+        self.failure.raise_if_failed()
         self._queue.put((name, mask.astype(np.uint8) * 255))
 
     def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
+        while (item := self._queue.get()) is not None:
+            if self.failure.message is not None:
+                continue  # keep draining so that write() and close() never block
             name, image = item
-            path = self.folder / f"{name}.png"
-            if cv2.imwrite(str(path), image):
+            try:
+                write_image(self.folder / f"{name}.png", image)
                 self.written += 1
-            else:
-                self._error = f"cannot write mask {path}"
+            except DpaError as error:
+                self.failure.record(f"mask output: {error}")
 
     def close(self) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout=60)
-        if self._error:
-            raise DpaError(self._error)
+        self.failure.raise_if_failed()
 
 
 class AdmissionLog:
@@ -152,7 +152,11 @@ def _slots(chain: StageChain, settings: RunSettings) -> int:
 
 
 class StreamRunner:
-    """Runs one source through `chain` into one sink. `video` is the GStreamer I/O module (dpa.runtime.video)."""
+    """Runs one source through `chain` into one sink. `video` is the GStreamer I/O module (dpa.runtime.video).
+
+    chain: the graphs (a `StageChain`), or a model on a server (`dpa.runtime.triton.client.TritonModel`): what it
+    needs is `manifest`, `memory` and `segmenter(policy)`, which makes the frame-by-frame segmenter.
+    """
 
     def __init__(self, chain: StageChain, settings: RunSettings, engine_info: dict | None = None,
                  keep_results: bool = False, say: Callable[[str], None] | None = None):
@@ -184,22 +188,44 @@ class StreamRunner:
     def flow_direction(self) -> str:
         return FLOW_DIRECTIONS["live" if self.uses_live_flow else "offline"]
 
+    def outputs(self) -> list[Output]:
+        """Every file or folder the run writes: the sink (a file or an image folder), the masks, the statistics."""
+        outputs = []
+        sink = self.video.parse_sink(self.settings.sink)
+        if sink.kind == "file":
+            outputs.append(Output(Path(sink.location), FILE, "video"))
+        elif sink.kind == "folder":
+            outputs.append(Output(Path(sink.location), FOLDER, "image folder"))
+        if self.settings.masks:
+            outputs.append(Output(Path(self.settings.masks), FOLDER, "mask folder"))
+        if self.settings.stats_json:
+            outputs.append(Output(Path(self.settings.stats_json), FILE, "statistics file"))
+        return outputs
+
     def run(self) -> RunOutcome:
-        """Process the whole source (or until an error / Ctrl-C); the outputs are finalised in every case."""
+        """Process the whole source (or until an error, a signal or --max-frames); the outputs are claimed before
+        anything starts (`dpa.outputs`) and finalised in every case: the video and masks hold every frame written,
+        the statistics say how the run ended."""
+        with claim_outputs(self.outputs(), self.settings.overwrite):
+            return self._run()
+
+    def _run(self) -> RunOutcome:
         outcome = RunOutcome(summary={})
-        output = masks = source = None
+        output = masks = source = bar = segmenter = None
         admissions = AdmissionLog()
         last_print = time.perf_counter()
         try:
             masks = MaskWriter(self.settings.masks) if self.settings.masks else None
             references = self._offline_references() if self.policy_name == "offline" else None
-            segmenter = Segmenter(self.chain, self._policy(), keep_values=False)
+            segmenter = self._segmenter()
             if references is not None:
                 self.prime_seconds = segmenter.prime(references)
             source = self.video.VideoSource(self.source_spec)
             source.open()
-            frames = self._frames(source)
-            for index, frame, flow, flow_seconds, restarted in frames:
+            total = self.offline_policy.length if self.offline_policy else self.settings.max_frames
+            bar = Bar(total, "run", "frame", enabled=not self.live or total is not None)
+            start_time = None
+            for index, frame, flow, flow_seconds, restarted in self._frames(source):
                 if restarted:
                     segmenter.reset()
                 result = segmenter.segment(frame.image, flow, index)
@@ -207,10 +233,14 @@ class StreamRunner:
                 started = time.perf_counter()
                 if output is None:
                     output = self._open_output(frame.image, source)
+                    start_time = frame.timestamp
                 lines = self.stats.overlay_lines() if self.settings.overlay_text else []
-                output.write(draw_overlay(frame.image, result.mask, lines))
-                if masks is not None:
+                # Frames keep their time at the source (live: the capture time), so the recording lasts as long
+                # as the source did, dropped frames or not.
+                at = frame.timestamp - start_time
+                if masks is not None:  # first: a failed mask write stops the run before the frame is counted
                     masks.write(frame.name, result.mask)
+                output.write(draw_overlay(frame.image, result.mask, lines), timestamp=at)
                 result.seconds["output"] = time.perf_counter() - started
                 self.stats.add(result.seconds)
                 if result.admitted is not None:
@@ -222,25 +252,46 @@ class StreamRunner:
                     last_print = time.perf_counter()
                 if self.settings.max_frames and self.stats.frames >= self.settings.max_frames:
                     break
-        except KeyboardInterrupt:
-            outcome.interrupted = True
+                bar.advance()  # a pending stop request ends the run here, between two frames
+        except stop.Stopped as stopped:
+            outcome.signal = stopped.signum
+        except KeyboardInterrupt:  # SIGINT where `dpa.stop` is not installed (the loop used as a library)
+            outcome.signal = signal.SIGINT
         except DpaError as error:
             outcome.error = str(error)
         finally:
-            closing_errors = []
-            for closer in (source, output, masks):
-                if closer is None:
-                    continue
-                try:
-                    closer.close()
-                except DpaError as error:
-                    closing_errors.append(str(error))
-            if closing_errors and not outcome.error:
-                outcome.error = "; ".join(closing_errors)
+            if bar is not None:
+                bar.close()
+            outcome.error = self._close(outcome.error, source, output, masks, segmenter)
             outcome.summary = self._summary(source, output, masks, admissions, outcome)
             if self.settings.stats_json:
-                _write_json(self.settings.stats_json, outcome.summary)
+                try:
+                    _write_json(self.settings.stats_json, outcome.summary)
+                except DpaError as error:  # the first failure stays the one reported
+                    outcome.error = outcome.error or str(error)
+                    log.error("%s", error)
         return outcome
+
+    @staticmethod
+    def _close(error: str | None, *closers) -> str | None:
+        """Close the source, the sink, the mask writer and a server's stream (each even when another fails); the
+        run's error, else the first closing error."""
+        closing_errors = []
+        for closer in closers:
+            if getattr(closer, "close", None) is None:
+                continue
+            try:
+                closer.close()
+            except DpaError as problem:
+                closing_errors.append(str(problem))
+        return error or (closing_errors[0] if closing_errors else None)
+
+    def _segmenter(self):
+        """The frame-by-frame segmenter: local (a `Segmenter` over the chain) or the chain's own (a server's)."""
+        make = getattr(self.chain, "segmenter", None)
+        if make is not None:
+            return make(self._policy())
+        return Segmenter(self.chain, self._policy(), keep_values=False)
 
     def _policy(self) -> UniformPolicy | OfflinePolicy | None:
         if not self.chain.memory:
@@ -251,9 +302,17 @@ class StreamRunner:
 
     def _offline_references(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """First pass over a file: count its frames, then decode the reference frames and their neighbours."""
-        length = 0
-        with self.video.VideoSource(self.source_spec) as counter:
-            while counter.read(self.settings.read_timeout) is not None:
+        length, size = 0, None
+        with self.video.VideoSource(self.source_spec) as counter, Bar(None, "count frames", "frame") as bar:
+            while (frame := counter.read(self.settings.read_timeout)) is not None:
+                bar.advance()  # stops here on a signal
+                if size is None:
+                    size = check_frame_size(frame.image, self.settings.source)
+                elif frame.image.shape != size:
+                    raise DpaError(f"{self.settings.source}: the frame size changes at frame {frame.index} (from "
+                                   f"{size[1]}x{size[0]} to {frame.image.shape[1]}x{frame.image.shape[0]}); the "
+                                   "offline policy needs one frame size: run it with --policy uniform, or scale the "
+                                   "frames with ?width=&height=")
                 length += 1
                 if self.settings.max_frames and length >= self.settings.max_frames:
                     break
@@ -268,8 +327,10 @@ class StreamRunner:
         wanted = set(self.offline_policy.references)
         needed = wanted | {i + 1 for i in wanted if i + 1 < length} | {i - 1 for i in wanted if i == length - 1 > 0}
         frames: dict[int, np.ndarray] = {}
-        with self.video.VideoSource(self.source_spec) as reader:
+        with self.video.VideoSource(self.source_spec) as reader, Bar(max(needed) + 1, "read references",
+                                                                      "frame") as bar:
             for index in range(max(needed) + 1):
+                bar.advance()  # stops here on a signal
                 frame = reader.read(self.settings.read_timeout)
                 if frame is None:
                     raise DpaError(f"{self.settings.source} ended after {index} frames in the second pass "
@@ -296,6 +357,8 @@ class StreamRunner:
         previous = None
         while (frame := source.read(self.settings.read_timeout)) is not None:
             restarted = previous is not None and previous.shape != frame.image.shape
+            if previous is None or restarted:
+                check_frame_size(frame.image, self.settings.source)
             if restarted:
                 self.say(f"frame size changed from {previous.shape[1]}x{previous.shape[0]} to "
                          f"{frame.image.shape[1]}x{frame.image.shape[0]}: memory and flow restart")
@@ -342,8 +405,12 @@ class StreamRunner:
             "dropped": getattr(source, "dropped", 0) if source is not None else 0,
             "frames_written": getattr(output, "frames_written", 0) if output is not None else 0,
             "masks_written": masks.written if masks is not None else 0,
+            "skipped_frames": getattr(source, "skipped", 0) if source is not None else 0,
+            "source_warnings": list(getattr(source, "warnings", [])) if source is not None else [],
             "interrupted": outcome.interrupted,
+            "signal": signal.Signals(outcome.signal).name if outcome.signal is not None else None,
             "error": outcome.error,
+            "outputs": [str(output.path) for output in self.outputs()],
         }
         if self.offline_policy is not None:
             summary["memory"].update(self.offline_policy.describe())
@@ -352,12 +419,21 @@ class StreamRunner:
 
 
 def _write_json(path: str | Path, payload: dict) -> None:
+    """The statistics file, written whole or not at all."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2, default=_jsonable))
+        write_text_atomically(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
     except OSError as error:
-        raise DpaError(f"cannot write the statistics to {path}: {error}") from error
+        raise DpaError(f"cannot write the statistics to {path}: {error.strerror or error}") from error
+
+
+def check_frame_size(image: np.ndarray, source: str) -> tuple[int, ...]:
+    """The frame's shape, or DpaError when it is outside what the pipeline handles (before anything is written)."""
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_FRAME_SIDE or max(height, width) > MAX_FRAME_SIDE:
+        raise DpaError(f"{source}: frames of {width}x{height} are outside {MIN_FRAME_SIDE} to {MAX_FRAME_SIDE} pixels "
+                       "a side; scale them with ?width=&height= on the source")
+    return image.shape
 
 
 def _jsonable(value):

@@ -59,6 +59,23 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 
-say "installing dpa-edge (editable) with the training, test and gstreamer (PyGObject) extras"
-"${pip[@]}" -e ".[train,test,gstreamer]"
+say "installing dpa-edge (editable) with the training, test, gstreamer (PyGObject) and triton (client) extras"
+"${pip[@]}" -e ".[train,test,gstreamer,triton]"
+
+# Triton Inference Server for `dpa serve` (and its tests): PyPI's nvidia-pytriton wheel carries a tritonserver
+# with the Python backend; it needs numpy < 2, so it gets an environment of its own, with the torch-free part of
+# dpa-edge that the model code imports. DPA_TRITON=0 skips it.
+TRITON_VENV=${DPA_TRITON_VENV:-.venv-triton}
+if [ "${DPA_TRITON:-1}" != 0 ]; then
+    if [ ! -x "$TRITON_VENV/bin/python" ]; then
+        say "creating $TRITON_VENV (Triton Inference Server from the nvidia-pytriton wheel)"
+        "$PYTHON" -m venv "$TRITON_VENV"
+    fi
+    if ! "$TRITON_VENV/bin/python" -c "import pytriton, onnxruntime, cv2, dpa.runtime.triton" >/dev/null 2>&1; then
+        say "installing nvidia-pytriton, numpy<2, onnxruntime and dpa-edge (no extras) into $TRITON_VENV"
+        "$TRITON_VENV/bin/python" -m pip install -q "nvidia-pytriton==0.7.0" "numpy<2" "onnxruntime>=1.18,<1.21" \
+            "opencv-python-headless>=4.8,<4.11" "tqdm>=4.60"
+        "$TRITON_VENV/bin/python" -m pip install -q --no-deps -e .
+    fi
+fi
 say "ready: $VENV/bin/dpa --help"

@@ -43,4 +43,4 @@ def _dpa_arguments(line: str) -> list[str] | None:
 @pytest.mark.parametrize("line", [line for line in CODE_LINES if _dpa_arguments(line) is not None])
 def test_readme_command_lines_parse(line):
     args = build_parser().parse_args(_dpa_arguments(line))
-    assert callable(args._run)
+    assert callable(args._command.run)

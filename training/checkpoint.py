@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dpa.errors import DpaError
+from dpa.files import atomic_path
 from dpa.manifest import Manifest
 from dpa.training.config import ModelConfig
 from dpa.training.model import DPA
@@ -44,9 +45,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: Mod
     module = model.module if hasattr(model, "module") else model
     state = {name: tensor.contiguous() for name, tensor in module.state_dict().items()}  # layout-neutral files
     payload = {"format": "dpa-checkpoint/1", "config": config.to_dict(), "model": state, **extra}
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
     return path
 
 

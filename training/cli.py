@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 
+from dpa import options
 from dpa.command import command
 from dpa.errors import DpaError
+from dpa.outputs import FILE, FOLDER, optional
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +57,19 @@ def _eval_mode(args: argparse.Namespace) -> str:
                        "(run a model and score it), not both")
     if not uses_masks and not uses_model:
         raise DpaError("nothing to evaluate: give --pred DIR --gt DIR, or --checkpoint CKPT --data DIR")
-    options = masks if uses_masks else model
-    missing = [name for name, value in options.items() if value is None]
+    chosen = masks if uses_masks else model
+    missing = [name for name, value in chosen.items() if value is None]
     if missing:
-        raise DpaError(f"{' and '.join(options)} go together: {missing[0]} is missing")
+        raise DpaError(f"{' and '.join(chosen)} go together: {missing[0]} is missing")
     return "masks" if uses_masks else "checkpoint"
 
 
+def _eval_outputs(args: argparse.Namespace):
+    return optional(args.json, FILE, "results JSON") + optional(args.save_masks, FOLDER, "mask folder")
+
+
 @command("eval", "DAVIS evaluation (J, F, G, recall, decay) of predicted masks or of a checkpoint",
-         arguments=_eval_arguments)
+         arguments=_eval_arguments, outputs=_eval_outputs)
 def run_eval(args: argparse.Namespace) -> int:
     """Score, print the per-sequence table, write the JSON when asked.
 
@@ -103,9 +109,9 @@ def _model_arguments(parser: argparse.ArgumentParser, default_config: str = "pap
     group.add_argument("--config", default=default_config, help=f"preset name (default {default_config}): "
                        "paper-i … paper-xi (Table 1 ablations), paper (= paper-iv), small (= small-iv; its "
                        "ablations small-i … small-xi), tiny")
-    group.add_argument("--size", type=int, help="input size S, a multiple of 32 (preset default)")
-    group.add_argument("--memory", type=int, help="reference frames N (preset default)")
-    group.add_argument("--width", type=float, help="channel width multiplier (preset default)")
+    group.add_argument("--size", type=options.SIZE, help="input size S, a multiple of 32 (preset default)")
+    group.add_argument("--memory", type=options.MEMORY, help="reference frames N (preset default)")
+    group.add_argument("--width", type=options.WIDTH, help="channel width multiplier (preset default)")
 
 
 def _info_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,22 +147,26 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _sequence_arguments(parser)
     _model_arguments(parser)
     group = parser.add_argument_group("optimisation (paper defaults)")
-    group.add_argument("--steps", type=int, default=40000)
-    group.add_argument("--batch-size", type=int, default=16, help="global batch over all processes")
-    group.add_argument("--lr", type=float, default=1e-4, help="start of the cosine schedule")
-    group.add_argument("--final-lr", type=float, default=1e-5, help="end of the cosine schedule")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    group.add_argument("--steps", type=options.COUNT, default=40000)
+    group.add_argument("--batch-size", type=options.integer(1, 4096), default=16,
+                       help="global batch over all processes")
+    group.add_argument("--lr", type=options.POSITIVE, default=1e-4, help="start of the cosine schedule")
+    group.add_argument("--final-lr", type=options.number(0), default=1e-5, help="end of the cosine schedule")
+    group.add_argument("--seed", type=options.SEED, default=0)
+    group.add_argument("--workers", type=options.integer(0, 64), default=2,
+                       help="data-loading processes per training process")
     group.add_argument("--no-augment", action="store_true")
     group.add_argument("--freeze-batch-norm", action="store_true", help="keep BatchNorm in inference mode")
-    group.add_argument("--freeze-batch-norm-from", type=float, metavar="FRACTION",
+    group.add_argument("--freeze-batch-norm-from", type=options.FRACTION, metavar="FRACTION",
                        help="switch BatchNorm to its running statistics after this fraction of the steps")
-    group.add_argument("--iou-loss", type=float, default=0.0, metavar="WEIGHT",
+    group.add_argument("--iou-loss", type=options.number(0), default=0.0, metavar="WEIGHT",
                        help="add WEIGHT × soft Jaccard (IoU) loss to the BCE of every side output (default 0: "
                        "the paper's BCE only)")
     group.add_argument("--init", help="start from this checkpoint's weights (stage 2: the stage-1 checkpoint)")
     group.add_argument("--vgg-weights", help="torchvision VGG-16 ImageNet state dict (.pth) for both encoders")
-    group.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (OUT/last.pt)")
+    group.add_argument("--save-every", type=options.COUNT, default=1000, help="steps between checkpoints (OUT/last.pt)")
+    group.add_argument("--log-every", type=options.COUNT, default=10,
+                       help="steps per record of the mean loss in OUT/metrics.jsonl (default 10)")
     group.add_argument("--keep-checkpoints", action="store_true",
                        help="also keep the weights at every --save-every step as OUT/model-<step>.pt (to select a "
                        "step on a development split)")
@@ -164,12 +174,24 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                        help="bf16: autocast convolutions and matrix products to bfloat16 (weights and optimiser stay "
                        "fp32); default fp32")
-    group.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's own)")
+    group.add_argument("--threads", type=options.THREADS, metavar="N",
+                       help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--resume", action="store_true", help="continue OUT/last.pt exactly where it stopped")
-    parser.add_argument("--until", type=int, help="stop after this step (resume later with --resume)")
+    parser.add_argument("--until", type=options.COUNT, help="stop after this step (resume later with --resume)")
 
 
-@command("train", "train DPA (stage 1 or 2); multi-GPU/multi-node with torchrun", arguments=_train_arguments)
+def _train_outputs(args: argparse.Namespace):
+    """The run folder, claimed by the first process only (torchrun starts one per GPU, RANK 0 writes); --resume and
+    --until keep what is there."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) > 0:
+        return []
+    return optional(args.out, FOLDER, "training folder", keep=args.resume)
+
+
+@command("train", "train DPA (stage 1 or 2); multi-GPU/multi-node with torchrun", arguments=_train_arguments,
+         outputs=_train_outputs)
 def run_train(args: argparse.Namespace) -> int:
     from dpa.training.train import TrainSettings, train
 
@@ -181,7 +203,8 @@ def run_train(args: argparse.Namespace) -> int:
         final_learning_rate=args.final_lr, seed=args.seed, workers=args.workers, augment=not args.no_augment,
         freeze_batch_norm=args.freeze_batch_norm, freeze_batch_norm_from=args.freeze_batch_norm_from,
         iou_loss_weight=args.iou_loss, init=args.init, vgg_weights=args.vgg_weights,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, device=args.device,
+        save_every=args.save_every, log_every=args.log_every, keep_checkpoints=args.keep_checkpoints,
+        device=args.device,
     )
     last = train(settings, resume=args.resume, until=args.until)
     print(f"checkpoint: {last}")
@@ -194,23 +217,32 @@ def _flow_estimator_arguments(parser: argparse.ArgumentParser, option: str, size
                              "(torchvision, where installed)")
     parser.add_argument("--preset", choices=("ultrafast", "fast", "medium"),
                         help="DIS preset (default fast)")
-    parser.add_argument("--work-size", type=int, metavar="S", help=size_help)
+    parser.add_argument("--work-size", type=options.FLOW_SIZE, metavar="S", help=size_help)
 
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="dataset root; writes DIR/<split>/...")
-    parser.add_argument("--clips", type=int, default=20, help="number of clips (default 20)")
-    parser.add_argument("--frames", type=int, default=12, help="frames per clip (default 12)")
-    parser.add_argument("--size", type=int, default=128, metavar="PX", help="square frame side (default 128)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    parser.add_argument("--clips", type=options.integer(1, 100000), default=20, help="number of clips (default 20)")
+    parser.add_argument("--frames", type=options.integer(1, 10000), default=12,
+                        help="frames per clip (default 12)")
+    parser.add_argument("--size", type=options.integer(16, 2048), default=128, metavar="PX",
+                        help="square frame side (default 128)")
+    parser.add_argument("--seed", type=options.SEED, default=0, help="random seed; same seed, same bytes (default 0)")
     parser.add_argument("--split", default="train", metavar="NAME", help="split folder name (default train)")
     parser.add_argument("--overwrite", action="store_true", help="replace a split that dpa synth wrote")
     _flow_estimator_arguments(parser, "--flow", "compute DIS flow on the frames resized to S x S (default: the "
                               "frames' own size, which is the model's input size for synthetic clips)")
 
 
+def _synth_outputs(args: argparse.Namespace):
+    from pathlib import Path
+
+    # kept: `write_dataset` replaces only a split that dpa synth wrote, on --overwrite
+    return optional(Path(args.out) / args.split, FOLDER, "synthetic split", keep=True)
+
+
 @command("synth", "generate a procedural video dataset with exact masks and flow (pre-processed layout)",
-         arguments=_synth_arguments)
+         arguments=_synth_arguments, outputs=_synth_outputs)
 def run_synth(args: argparse.Namespace) -> int:
     import time
 
@@ -244,8 +276,14 @@ def _flow_arguments(parser: argparse.ArgumentParser) -> None:
                               "own size, as the public pre-processed datasets)")
 
 
+def _flow_outputs(args: argparse.Namespace):
+    # kept: existing flow images are kept (a stopped run continues) unless --overwrite recomputes them; without
+    # --out the flow goes into the dataset, which is not claimed
+    return optional(args.out, FOLDER, "flow folder", keep=True)
+
+
 @command("flow", "pre-compute flow images (offline direction, RAFT colour wheel) for a dataset",
-         arguments=_flow_arguments)
+         arguments=_flow_arguments, outputs=_flow_outputs)
 def run_flow(args: argparse.Namespace) -> int:
     from dpa.training.flowgen import compute_flow, create_estimator, estimator_options, find_sequences
 

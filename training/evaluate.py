@@ -23,10 +23,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from dpa.errors import DpaError
+from dpa.files import write_text_atomically
 from dpa.images import natural_key
+from dpa.progress import progress as progress_bar
 from dpa.training.metrics import boundary_f_measure, region_similarity, sequence_statistics
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def score_directories(
 
     Every GT sequence and frame is scored; frames are matched by file stem. A GT frame without a
     prediction is an error; predicted sequences or frames without GT are ignored with a warning.
-    progress: show a tqdm bar over sequences (on stderr). Returns the `summarise` result.
+    progress: show a bar over sequences (on stderr). Returns the `summarise` result.
     """
     _check_protocol(protocol)
     pred_root, gt_root = Path(pred_dir), Path(gt_dir)
@@ -175,7 +176,7 @@ def score_directories(
         log.warning("prediction sequence %s has no ground truth in %s; ignored", name, gt_root)
 
     results: dict[str, dict] = {}
-    for name, gt_files in tqdm(gt_sequences.items(), desc="eval", unit="seq", disable=not progress):
+    for name, gt_files in progress_bar(gt_sequences.items(), "eval", unit="sequence", enabled=progress):
         if name not in pred_sequences:
             raise DpaError(f"no predictions for sequence {name}: {pred_root / name} not found")
         pred_files = _mask_files(pred_sequences[name])
@@ -216,8 +217,7 @@ def _json_ready(value):
 def write_json(result: dict, path: str | Path) -> None:
     """Write a `summarise` result as strict JSON (NaN frames, e.g. under davis2016, become null)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_ready(result), indent=1, allow_nan=False) + "\n")
+    write_text_atomically(path, json.dumps(_json_ready(result), indent=1, allow_nan=False) + "\n")
 
 
 def format_table(result: dict) -> str:

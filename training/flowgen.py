@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from dpa.errors import DpaError, require_module
-from dpa.images import list_images, read_rgb, write_rgb
+from dpa.images import list_images, read_rgb, write_image
+from dpa.progress import Bar
 from dpa.runtime.flow import FlowEstimator, create_flow_estimator, flow_to_rgb, offline_flow
 
 log = logging.getLogger(__name__)
@@ -105,24 +106,21 @@ def find_sequences(data: str | Path, layout: str, out: str | Path | None = None,
 def compute_flow(sequences: list[FlowSequence], estimator: FlowEstimator, overwrite: bool = False,
                  progress: bool = True) -> FlowSummary:
     """Write each frame's offline flow rendered as RGB PNG; existing files are kept unless `overwrite`."""
-    from tqdm import tqdm
-
     summary = FlowSummary(sequences=len(sequences))
     total = sum(len(item.frames) for item in sequences)
-    bar = tqdm(total=total, desc="flow", unit="frame", disable=not progress)
-    with bar:
+    with Bar(total, "flow", "frame", enabled=progress) as bar:
         for item in sequences:
-            bar.set_postfix_str(item.name)
+            bar.describe(f"flow {item.name}")
             needed = [overwrite or not output.exists() for output in item.outputs]
             summary.existing += needed.count(False)
             if not any(needed):
-                bar.update(len(item.frames))
+                bar.advance(len(item.frames))
                 continue
             # A window of the last two readable frames: offline_flow of its newer frame's predecessor
             # looks one frame ahead; the last frame, at the end, looks back.
             window: list[tuple[int, np.ndarray]] = []
             for index, path in enumerate(item.frames):
-                bar.update(1)
+                bar.advance()  # a stop point: every flow image written so far is whole, a rerun keeps them
                 try:
                     image = read_rgb(path)
                 except DpaError as error:
@@ -153,7 +151,7 @@ def _write_flow(item: FlowSequence, window: list[tuple[int, np.ndarray]], positi
     except OSError as error:
         raise DpaError(f"cannot create {output.parent} ({error}); use --out to write the flow elsewhere") \
             from error
-    write_rgb(output, flow_to_rgb(flow))
+    write_image(output, flow_to_rgb(flow))
     return 1
 
 

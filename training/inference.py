@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from dpa.errors import DpaError
+from dpa.images import write_image
+from dpa.progress import progress
 from dpa.sampling import frames_for_references
 from dpa.training.model import DPA
 
@@ -103,8 +105,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     Masks are predicted at S, resized to the ground truth's resolution (bilinear on the probability)
     and thresholded at 0.5. Returns the `dpa.training.evaluate.summarise` result (plus "flow").
     """
-    from tqdm import tqdm
-
     from dpa.runtime.preprocess import postprocess_probability
     from dpa.training.checkpoint import load_model
     from dpa.training.evaluate import read_mask, score_sequence, summarise
@@ -118,7 +118,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     sequences = select_sequences(sequences, getattr(args, "sequences", None), getattr(args, "exclude", None) or ())
     save_dir = Path(args.save_masks) if getattr(args, "save_masks", None) else None
     results, sources = {}, set()
-    for sequence in tqdm(sequences, desc="eval", unit="seq"):
+    for sequence in progress(sequences, "eval", unit="sequence"):
         if any(mask is None for mask in sequence.masks):
             raise DpaError(f"sequence {sequence.name} lacks ground-truth masks for some frames")
         rgb, flow, _, source = load_video(sequence, model.config.size, getattr(args, "flow", "auto"))
@@ -130,11 +130,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             _, prediction = postprocess_probability(probability, *gt.shape)
             triples.append((frame, gt, prediction))
             if save_dir is not None:
-                import cv2
-
-                target = save_dir / sequence.name / f"{frame}.png"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(target), prediction.astype(np.uint8) * 255)
+                write_image(save_dir / sequence.name / f"{frame}.png", prediction.astype(np.uint8) * 255)
         results[sequence.name] = score_sequence(triples, args.protocol)
     summary = summarise(results, args.protocol)
     summary["flow"] = sorted(sources)

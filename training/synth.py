@@ -11,7 +11,10 @@ import cv2
 import numpy as np
 
 from dpa.errors import DpaError
-from dpa.images import write_rgb
+from dpa.files import write_bytes_atomically, write_text_atomically
+from dpa.images import write_image
+from dpa.outputs import MARKER
+from dpa.progress import progress as progress_bar
 from dpa.runtime.flow import FlowEstimator, flow_to_rgb, offline_flow
 from dpa.synthetic import check_size, clip_rng, generate_clip
 
@@ -29,8 +32,6 @@ def write_dataset(out: str | Path, *, clips: int = 20, frames: int = 12, size: i
     (rendered flow, SPEC §2.7) and manifest.json. The flow is estimated offline (forward t→t+1, the last
     frame −flow(t→t−1)) on the JPEG frames as written, so `dpa flow` on this tree reproduces it.
     """
-    from tqdm import tqdm
-
     from dpa.training.flowgen import create_estimator
 
     if clips < 1 or frames < 1:
@@ -41,7 +42,7 @@ def write_dataset(out: str | Path, *, clips: int = 20, frames: int = 12, size: i
     root = prepare_split(Path(out) / split, overwrite)
 
     sequences = []
-    for index in tqdm(range(clips), desc=f"synth {split}", unit="clip", disable=not progress):
+    for index in progress_bar(range(clips), f"synth {split}", unit="clip", enabled=progress):
         sequence = f"clip{index:04d}"
         clip_frames, masks = generate_clip(clip_rng(seed, index), frames, size)
         write_clip({kind: root / kind / sequence for kind in ("RGB", "GT", "FLOW")}, clip_frames, masks, estimator)
@@ -67,7 +68,7 @@ def write_dataset(out: str | Path, *, clips: int = 20, frames: int = 12, size: i
         "sequences": sequences,
     }
     manifest_path = root / MANIFEST_NAME
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomically(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest_path
 
 
@@ -85,17 +86,16 @@ def write_clip(
     for t, (frame, mask) in enumerate(zip(frames, masks, strict=True)):
         bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
         encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
-        (folders["RGB"] / f"{t:05d}.jpg").write_bytes(encoded.tobytes())
+        write_bytes_atomically(folders["RGB"] / f"{t:05d}.jpg", encoded.tobytes())
         stored.append(cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
-        if not cv2.imwrite(str(folders["GT"] / f"{t:05d}.png"), mask.astype(np.uint8) * 255):
-            raise DpaError(f"cannot write {folders['GT'] / f'{t:05d}.png'}")
+        write_image(folders["GT"] / f"{t:05d}.png", mask.astype(np.uint8) * 255)
     for t in range(len(stored)):
-        write_rgb(folders["FLOW"] / f"{t:05d}.png", flow_to_rgb(offline_flow(stored, t, estimator)))
+        write_image(folders["FLOW"] / f"{t:05d}.png", flow_to_rgb(offline_flow(stored, t, estimator)))
 
 
 def prepare_split(root: Path, overwrite: bool) -> Path:
     """Make OUT/<split> ready: new or empty; with overwrite, a previous `dpa synth` split is cleared first."""
-    if root.exists() and any(root.iterdir()):
+    if root.exists() and any(entry.name != MARKER for entry in root.iterdir()):  # dpa.outputs marks it
         if not overwrite:
             raise DpaError(f"{root} is not empty; pass --overwrite to replace a previous dpa synth split, "
                            f"or choose another --out or --split")

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dpa import stop as stopping
 from dpa.errors import DpaError
+from dpa.files import write_text_atomically
+from dpa.progress import Bar
 from dpa.training.checkpoint import load_checkpoint, load_state, save_checkpoint
 from dpa.training.config import ModelConfig, get_config
 from dpa.training.model import DPA, build_model
@@ -243,7 +247,16 @@ def make_loader(
         num_workers=settings.workers,
         persistent_workers=settings.workers > 0,
         drop_last=False,
+        worker_init_fn=_worker_signals,
     )
+
+
+def _worker_signals(worker_id: int) -> None:
+    """Data-loading workers leave Ctrl-C and SIGHUP to the training process (which stops at the next step and
+    shuts them down), and die on SIGTERM, which the loader sends a worker that does not exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def batch_loss(model: nn.Module, batch: dict, settings: TrainSettings, device: torch.device) -> torch.Tensor:
@@ -346,15 +359,22 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
     step = start
     freeze_from = settings.freeze_batch_norm_from
     freeze_step = None if freeze_from is None else int(freeze_from * settings.steps)
-    for batch in loader:
-        if freeze_step is not None and step >= freeze_step:
-            freeze_batch_norm(model)
-        loss = optimisation_step(wrapped, optimizer, batch, step, settings, device)
-        step += 1
+    try:
+        for batch in loader:
+            if freeze_step is not None and step >= freeze_step:
+                freeze_batch_norm(model)
+            loss = optimisation_step(wrapped, optimizer, batch, step, settings, device)
+            step += 1
+            if outputs is not None:
+                outputs.after_step(step, loss.item(), model, optimizer)
+            signum = stop_signal(world, device)
+            if signum is not None:  # every rank stops after the same step; OUT/last.pt resumes exactly there
+                if outputs is not None:
+                    outputs.save_stopped(step, model, optimizer, signum)
+                raise stopping.Stopped(signum)
+    finally:
         if outputs is not None:
-            outputs.after_step(step, loss.item(), model, optimizer)
-    if outputs is not None:
-        outputs.close()
+            outputs.close()
     if settings.stage == 1 and step == settings.steps:
         copy_appearance_to_motion(model)
     metrics = {"final_loss": loss.item()}
@@ -365,6 +385,17 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
     if dist.is_initialized():
         dist.barrier()
     return last
+
+
+def stop_signal(world: int, device: torch.device) -> int | None:
+    """The signal that asked the run to stop (`dpa.stop`), agreed by all processes (the largest number any of them
+    received, so that every rank leaves after the same step), or None."""
+    pending = stopping.requested()
+    if world == 1:
+        return pending
+    flag = torch.tensor([pending or 0], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
 
 
 def distributed(model: nn.Module, device: torch.device, world: int) -> nn.Module:
@@ -414,13 +445,9 @@ class RunOutputs:
         self.settings, self.config, self.stop = settings, config, stop
         self.out = Path(settings.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
+        write_text_atomically(self.out / "settings.json", json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
         self.metrics_file = (self.out / "metrics.jsonl").open("a")
-        self.bar = None
-        if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=stop - start, initial=0, desc=f"stage {settings.stage}", unit="step")
+        self.bar = Bar(stop - start, f"stage {settings.stage}", "step", enabled=progress, check=False)
         self.running, self.unlogged, self.started = 0.0, 0, time.perf_counter()  # loss sum and steps since a record
 
     def after_step(self, step: int, loss: float, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -428,9 +455,7 @@ class RunOutputs:
         --log-every steps and at the last step, and the --save-every checkpoints."""
         self.running += loss
         self.unlogged += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}")
+        self.bar.advance(note=f"loss={loss:.3f}")
         if step % self.settings.log_every == 0 or step == self.stop:
             record = {
                 "step": step,
@@ -448,9 +473,15 @@ class RunOutputs:
                                 train=dataclasses.asdict(self.settings), metrics={"loss": loss})
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
         self.metrics_file.close()
+
+    def save_stopped(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, signum: int) -> None:
+        """OUT/last.pt at `step` when a signal stopped the run (`--resume` continues it exactly)."""
+        if step % self.settings.save_every != 0:  # after_step has just saved it otherwise
+            _save(self.out / "last.pt", model, self.config, self.settings, optimizer, step)
+        log.warning("stopped by %s after step %d: %s holds it; continue with --resume", signal.Signals(signum).name,
+                    step, self.out / "last.pt")
 
     def save_final(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, metrics: dict) -> None:
         """OUT/last.pt at the end of the run, and OUT/model.pt when the run has reached --steps."""

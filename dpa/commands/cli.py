@@ -11,7 +11,10 @@ import json
 import logging
 from pathlib import Path
 
+from dpa import options
 from dpa.command import command
+from dpa.files import write_text_atomically
+from dpa.outputs import FILE, optional
 from dpa.runtime.cli import add_engine_arguments
 
 log = logging.getLogger(__name__)
@@ -32,21 +35,24 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--config", default=None,
                        help="without --export: the preset to export with calibrated untrained weights (default "
                        "paper-iv), cached in $DPA_CACHE/bench or ~/.cache/dpa/bench/<config>-<S>-<N>")
-    model.add_argument("--size", type=int, help="without --export: input size S (default the preset's, 352)")
-    model.add_argument("--memory", type=int, help="without --export: reference frames N (default the preset's, 4)")
-    model.add_argument("--width", type=float, help="without --export: channel width multiplier override")
+    model.add_argument("--size", type=options.SIZE, help="without --export: input size S (default the preset's, 352)")
+    model.add_argument("--memory", type=options.MEMORY,
+                       help="without --export: reference frames N (default the preset's, 4)")
+    model.add_argument("--width", type=options.WIDTH, help="without --export: channel width multiplier override")
     model.add_argument("--export-cache", metavar="DIR", help="where automatic exports go (default $DPA_CACHE/bench, "
                        "else ~/.cache/dpa/bench)")
     add_engine_arguments(parser)
     timing = parser.add_argument_group("timing")
-    timing.add_argument("--frames", type=int, help=f"timed frames per repeat (default {DEFAULTS['frames']})")
-    timing.add_argument("--warmup", type=int, help=f"untimed frames before them (default {DEFAULTS['warmup']})")
-    timing.add_argument("--repeats", type=int, help=f"repeats; medians and spread are over these "
+    timing.add_argument("--frames", type=options.COUNT,
+                        help=f"timed frames per repeat (default {DEFAULTS['frames']})")
+    timing.add_argument("--warmup", type=options.COUNT_OR_ZERO,
+                        help=f"untimed frames before them (default {DEFAULTS['warmup']})")
+    timing.add_argument("--repeats", type=options.COUNT, help=f"repeats; medians and spread are over these "
                         f"(default {DEFAULTS['repeats']})")
-    timing.add_argument("--seed", type=int, default=0, help="synthetic clip seed (default 0)")
+    timing.add_argument("--seed", type=options.SEED, default=0, help="synthetic clip seed (default 0)")
     timing.add_argument("--flow-preset", default="fast", choices=("ultrafast", "fast", "medium"),
                         help="DIS preset (default fast, as dpa run)")
-    timing.add_argument("--horizon", type=int, default=32,
+    timing.add_argument("--horizon", type=options.COUNT, default=32,
                         help="live loop measurements: uniform memory policy horizon in frames (default 32, as dpa run)")
     timing.add_argument("--quick", action="store_true",
                         help=f"a smoke run: width {QUICK['width']}, S {QUICK['size']}, N {QUICK['memory']}, "
@@ -88,19 +94,16 @@ def _option(args: argparse.Namespace, name: str):
 
 
 def _write(path: str, text: str) -> None:
-    from dpa.errors import DpaError
+    write_text_atomically(path, text)
+    log.info("wrote %s", path)
 
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-    except OSError as error:
-        raise DpaError(f"cannot write {target}: {error}") from error
-    log.info("wrote %s", target)
+
+def _bench_outputs(args: argparse.Namespace):
+    return optional(args.json, FILE, "report JSON") + optional(args.markdown, FILE, "Markdown report")
 
 
 @command("bench", "per-stage latency, fps and peak memory of the runtime and PyTorch; --targets: the speed targets",
-         arguments=_bench_arguments)
+         arguments=_bench_arguments, outputs=_bench_outputs)
 def run_bench(args: argparse.Namespace) -> int:
     from dpa.commands import bench
     from dpa.errors import DpaError

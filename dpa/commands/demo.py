@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from dpa.errors import DpaError
-from dpa.files import file_sha256
+from dpa.files import file_sha256, write_text_atomically
+from dpa.outputs import FOLDER, Output, claim_outputs
 
 DEMO_SEED = 2026  # never used for training (train: seeds from 0, held-out test: 1000+)
 DEFAULT_SOURCE = f"test://synthetic?seed={DEMO_SEED}&frames=96&size=256&fps=15"
@@ -98,24 +99,24 @@ def score_masks(mask_dir: Path, truth: SyntheticTruth) -> dict:
 def run_demo(out: Path, checkpoint: str = "tiny", source: str = DEFAULT_SOURCE, export: Path | None = None,
              engine_args=None, say=print) -> tuple[dict, int]:
     """Run the demo into `out`; returns (report, exit code). engine_args: parsed engine options (backend…)."""
+    out = Path(out)
+    # the folder is locked against a second demo; the demo replaces its own files and reuses its cached export
+    with claim_outputs([Output(out, FOLDER, "demo folder", keep=True)]):
+        return _run_demo(out, checkpoint, source, export, engine_args, say)
+
+
+def _run_demo(out: Path, checkpoint: str, source: str, export: Path | None, engine_args, say) -> tuple[dict, int]:
     from dpa.runtime.chain import StageChain
     from dpa.runtime.cli import engine_from_args
     from dpa.runtime.run import RunSettings, StreamRunner
 
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DpaError(f"cannot write to {out}: {error}") from error
     started = time.perf_counter()
     exported_now = False
     if export is None:
         export, exported_now = ensure_export(checkpoint_path(checkpoint), out / "export", say)
     engine = engine_from_args(export, engine_args)
     settings = RunSettings(source=source, sink=str(out / "overlay.mp4"), masks=str(out / "masks"),
-                           stats_json=str(out / "stats.json"), stats_interval=2.0)
-    for stale in (out / "masks").glob("*.png"):
-        stale.unlink()
+                           stats_json=str(out / "stats.json"), stats_interval=2.0, overwrite=True)
     say(f"running {source} on {engine.backend} ({engine.device}, {engine.precision}) -> {settings.sink}")
     with engine:
         outcome = StreamRunner(StageChain(engine), settings, engine.describe(),
@@ -128,8 +129,8 @@ def run_demo(out: Path, checkpoint: str = "tiny", source: str = DEFAULT_SOURCE, 
     report["seconds_total"] = time.perf_counter() - started
     report["outputs"] = {"video": settings.sink, "masks": settings.masks, "stats": settings.stats_json,
                          "report": str(out / "report.md")}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "report.md").write_text(format_report(report))
+    write_text_atomically(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomically(out / "report.md", format_report(report))
     return report, outcome.exit_code
 
 

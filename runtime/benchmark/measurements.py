@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dpa import stop
 from dpa.errors import DpaError
 from dpa.runtime.benchmark.timers import (
     Samples,
@@ -189,14 +190,13 @@ def live_loop_timer(chain: StageChain, uri: str, settings: TimingSettings, engin
         runner.stats = clock
         outcome = runner.run()
         if outcome.interrupted:
-            raise KeyboardInterrupt
+            raise stop.Stopped(outcome.signal)
         if outcome.error:
             raise DpaError(f"the live loop on {uri} failed: {outcome.error}")
         stages = per_frame_means(clock.frame_seconds[warmup:warmup + settings.frames], settings.frames)
         samples.add_repeat(_steady_per_frame(clock.frame_ends, warmup, settings.frames), stages)
         samples.info["dropped"] += int(outcome.summary.get("dropped") or 0)
-        if bar is not None:
-            bar.update(warmup + settings.frames)
+        bar.advance(warmup + settings.frames)
 
     return Timer(samples, repeat, warmup + settings.frames)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dpa.errors import DpaError
+from dpa.progress import Bar
 from dpa.runtime.benchmark.machine import usable_cores
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,7 @@ def interleave(timers: Sequence[Timer], repeats: int, progress: bool = True) -> 
         for round_index in range(repeats):
             offset = round_index % len(timers)
             for timer in list(timers[offset:]) + list(timers[:offset]):
-                if bar is not None:
-                    bar.set_description(timer.samples.name)
+                bar.describe(timer.samples.name)
                 with PeakMemory() as memory:
                     timer.repeat(bar)
                 samples = timer.samples
@@ -203,7 +203,7 @@ def interleave(timers: Sequence[Timer], repeats: int, progress: bool = True) -> 
                 if memory.peak is not None:
                     samples.peak_rss = max(samples.peak_rss or 0, memory.peak)
     finally:
-        close_bar(bar)
+        bar.close()
 
 
 def run_timer(timer: Timer, repeats: int, progress: bool = True) -> Samples:
@@ -251,23 +251,13 @@ class TimingSettings:
                 "flow_preset": self.flow_preset, "horizon": self.horizon, "threads": self.threads}
 
 
-def progress_bar(total: int, description: str, enabled: bool):
-    """A tqdm bar over `total` frames (None when progress is off)."""
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, unit="frame", leave=False, dynamic_ncols=True)
+def progress_bar(total: int, description: str, enabled: bool) -> Bar:
+    """A bar over `total` frames (drawn only when `enabled`); advancing it is a stop point."""
+    return Bar(total, description, "frame", enabled=enabled)
 
 
-def advance(bar) -> None:
-    if bar is not None:
-        bar.update(1)
-
-
-def close_bar(bar) -> None:
-    if bar is not None:
-        bar.close()
+def advance(bar: Bar) -> None:
+    bar.advance()  # a stop request (`dpa.stop`) ends the measurement here
 
 
 def stage_order(stage: str) -> int:

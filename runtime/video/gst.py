@@ -131,9 +131,10 @@ class _Pipeline:
         self._stop()
 
 
-def _rgb_buffer(Gst, image: np.ndarray, number: int, framerate: Fraction):
+def _rgb_buffer(Gst, image: np.ndarray, number: int, framerate: Fraction, timestamp: float | None = None,
+                previous_pts: int | None = None):
     """A Gst.Buffer of one uint8 (H, W, 3) RGB frame in GStreamer's default layout (rows padded to 4 bytes),
-    stamped at number / fps seconds."""
+    stamped at `timestamp` seconds (capture time), else at number / fps; never before `previous_pts` (ns)."""
     height, width = image.shape[:2]
     row = width * 3
     stride = (row + 3) // 4 * 4
@@ -142,8 +143,12 @@ def _rgb_buffer(Gst, image: np.ndarray, number: int, framerate: Fraction):
         padded[:, :row] = image.reshape(height, row)
         image = padded
     buffer = Gst.Buffer.new_wrapped(np.ascontiguousarray(image).tobytes())
-    buffer.pts = number * Gst.SECOND * framerate.denominator // framerate.numerator
-    buffer.duration = (number + 1) * Gst.SECOND * framerate.denominator // framerate.numerator - buffer.pts
+    frame_ns = Gst.SECOND * framerate.denominator // framerate.numerator
+    if timestamp is None:
+        buffer.pts = number * frame_ns
+    else:
+        buffer.pts = max(int(round(timestamp * Gst.SECOND)), 0 if previous_pts is None else previous_pts + 1)
+    buffer.duration = frame_ns
     buffer.offset = number
     return buffer
 

@@ -116,12 +116,13 @@ def sink_description(spec: SinkSpec, width: int, height: int, fps: float) -> str
 
 
 def _muxer(spec: SinkSpec) -> str:
-    """The container muxer. MP4 is written as fragments (one a second) and rewritten as a plain MP4 at EOS:
-    a run killed before EOS still leaves a file playable up to its last fragment."""
+    """The container muxer. MP4 is written as fragmented MP4 (a header, then one self-contained fragment a
+    second), so a run that ends without EOS (killed, disk full) leaves a file playable up to its last complete
+    fragment; Matroska is written cluster by cluster and plays up to where it ends."""
     muxer = spec.options["muxer"]
     if muxer != "mp4mux":
         return muxer
-    return f"mp4mux fragment-duration={MP4_FRAGMENT_MS} fragment-mode=first-moov-then-finalise"
+    return f"mp4mux fragment-duration={MP4_FRAGMENT_MS}"
 
 
 def _h264(fps: float) -> str:

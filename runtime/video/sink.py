@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import tempfile
@@ -15,7 +16,7 @@ import cv2
 import numpy as np
 
 from dpa.errors import DpaError
-from dpa.images import write_rgb
+from dpa.images import write_image
 from dpa.runtime.video.gst import _Pipeline, _rgb_buffer, _rtsp_server_module
 from dpa.runtime.video.pipelines import NON_LIVE_QUEUE, _framerate, rtsp_media_description, sink_description
 from dpa.runtime.video.uri import SinkSpec, parse_sink
@@ -60,7 +61,7 @@ class _ImageFolderWriter:
         while (item := self.queue.get()) is not None:
             if self.error is None:  # after an error, keep draining so that put() and close() never block
                 try:
-                    write_rgb(*item)
+                    write_image(*item)  # whole files only: a reader never sees half an image
                 except DpaError as error:
                     self.error = error
 
@@ -148,6 +149,7 @@ class VideoOutput:
         self._server: _RtspServer | None = None
         self._warned_resize = False
         self._closed = False
+        self._last_pts: int | None = None
 
     @property
     def description(self) -> str:
@@ -175,6 +177,9 @@ class VideoOutput:
         if self._closed:
             raise DpaError(f"video output {self.uri} was closed; open a new VideoOutput")
         kind = self.spec.kind
+        if kind == "display" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            raise DpaError(f"video output {self.uri}: there is no display (DISPLAY and WAYLAND_DISPLAY are unset); "
+                           "write to a file, an image folder or rtsp://@:8554/name instead")
         if kind == "folder":
             _check_writable_folder(Path(self.spec.location), self.uri)
             self._writer = _ImageFolderWriter(self.uri, self.timeout_s)
@@ -197,9 +202,10 @@ class VideoOutput:
         self._pipeline = pipeline
         return self
 
-    def write(self, image: np.ndarray, name: str | None = None) -> None:
+    def write(self, image: np.ndarray, name: str | None = None, timestamp: float | None = None) -> None:
         """Write one uint8 (H, W, 3) RGB frame. name: the file stem for image folders (default: the frame number
-        in the folder's pattern); ignored by other sinks. DpaError when the output fails or stalls."""
+        in the folder's pattern); ignored by other sinks. timestamp: the frame's time in seconds from the first
+        (live capture time; default frame number / fps). DpaError when the output fails or stalls."""
         if self._closed or (self._pipeline is None and self._writer is None):
             raise DpaError(f"video output {self.uri} is not open; call open() or use it in a with-block")
         image = self._fit(image)
@@ -208,7 +214,9 @@ class VideoOutput:
         else:
             self._wait_for_room()
             Gst = self._pipeline.Gst
-            result = self._appsrc.emit("push-buffer", _rgb_buffer(Gst, image, self.frames_written, self.framerate))
+            buffer = _rgb_buffer(Gst, image, self.frames_written, self.framerate, timestamp, self._last_pts)
+            self._last_pts = buffer.pts
+            result = self._appsrc.emit("push-buffer", buffer)
             if result != Gst.FlowReturn.OK:
                 self._pipeline.poll()
                 raise DpaError(f"video output {self.uri} failed: {self._pipeline.error or result.value_nick}")

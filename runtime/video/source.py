@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from dpa.errors import DpaError
-from dpa.images import IMAGE_SUFFIXES, list_images, read_rgb
+from dpa.images import IMAGE_SUFFIXES, MAX_FRAME_SIDE, header_size, list_images, read_rgb
 from dpa.runtime.video.gst import POLL_S, _Pipeline, _rgb_buffer, _sample_image
 from dpa.runtime.video.pipelines import _framerate, source_description
 from dpa.runtime.video.uri import SourceSpec, parse_source
@@ -22,6 +22,7 @@ from dpa.runtime.video.uri import SourceSpec, parse_source
 logger = logging.getLogger(__name__)
 
 FOLDER_FPS = 30.0  # image folders have no timestamps: frame i is at i / fps seconds
+TRUNCATION_SLACK_S = 0.1  # a file whose frames end this much (or 2 frames) before its declared duration is damaged
 
 
 @dataclass
@@ -58,13 +59,23 @@ class _ImageFolderFrames:
         while self.position < limit:
             index, path = self.position, self.paths[self.position]
             self.position += 1
+            scaled = "width" in options or "height" in options
+            try:
+                with open(path, "rb") as handle:
+                    header = handle.read(1 << 16)
+            except OSError:
+                header = b""
+            size = header_size(header)
+            if size is not None and max(size) > MAX_FRAME_SIDE and not scaled:
+                raise DpaError(f"video source {self.spec.uri}: {path.name} is {size[0]}x{size[1]}, larger than "
+                               f"{MAX_FRAME_SIDE} pixels a side; scale the frames with ?width=&height=")
             try:
                 image = read_rgb(path)
             except DpaError as error:
                 self.skipped += 1
                 logger.warning("video source %s: skipping frame %d: %s", self.spec.uri, index, error)
                 continue
-            if "width" in options or "height" in options:
+            if scaled:
                 size = (options.get("width", image.shape[1]), options.get("height", image.shape[0]))
                 image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
             return Frame(image, index, index / options.get("fps", FOLDER_FPS), path.stem)
@@ -92,6 +103,8 @@ class VideoSource:
         self._recent: deque = deque(maxlen=64)  # (PTS, index at the source) of the last buffers to reach the appsink
         self._finished = False
         self._closed = False
+        self._last_timestamp: float | None = None
+        self.warnings: list[str] = []  # problems met in the stream (a truncated file), each also logged
         self.width: int | None = None
         self.height: int | None = None
         self.fps: float | None = None
@@ -208,6 +221,7 @@ class VideoSource:
         sample = self._pull(timeout_s)
         if sample is None:
             self._finished = True
+            self._check_complete()
             return None
         image, fps = _sample_image(sample)
         index = self._index(sample.get_buffer().pts)
@@ -220,9 +234,32 @@ class VideoSource:
         pts = sample.get_buffer().pts
         if pts != self._pipeline.Gst.CLOCK_TIME_NONE:
             timestamp = pts / self._pipeline.Gst.SECOND
+            if self.fps is None and self._last_timestamp is not None and timestamp > self._last_timestamp:
+                # caps without a frame rate (fragmented MP4): the first two frames' spacing gives it
+                self.fps = round(1.0 / (timestamp - self._last_timestamp), 3)
         else:
             timestamp = index / self.fps if self.fps else 0.0
+        self._last_timestamp = timestamp
         return Frame(image, index, timestamp, f"{index:05d}")
+
+    def _check_complete(self) -> None:
+        """At the end of a file: a warning (logged, kept in `warnings`) when the frames stopped well before the
+        duration the container declares, as in a truncated or damaged file, which demuxers end quietly."""
+        if self.spec.kind != "file" or self._pipeline is None:
+            return
+        Gst = self._pipeline.Gst
+        known, duration = self._pipeline.pipeline.query_duration(Gst.Format.TIME)
+        if not known or duration <= 0:
+            return
+        declared = duration / Gst.SECOND
+        frame = 1.0 / self.fps if self.fps else 0.0
+        ended = (self._last_timestamp or 0.0) + frame if self._delivered else 0.0
+        if declared - ended > max(2 * frame, TRUNCATION_SLACK_S):
+            message = (f"video source {self.uri}: the frames end at frame {self._delivered} ({ended:.2f} s) but "
+                       f"the file declares {declared:.2f} s: it is truncated or damaged; {self._delivered} frames "
+                       "were used")
+            self.warnings.append(message)
+            logger.warning("%s", message)
 
     def _pull(self, timeout_s: float):
         """The next appsink sample; None at EOS. Frames already queued are delivered before an error is raised."""

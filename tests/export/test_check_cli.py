@@ -76,7 +76,7 @@ def test_check_reports_json_and_exit_code(exported, checkpoint, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_check_fails_on_a_wrong_graph(exported, checkpoint, tmp_path):
+def test_check_fails_on_a_wrong_graph(exported, checkpoint, tmp_path, capsys):
     """A decoder whose fusion weights were altered by 1 % is caught: exit code 1."""
     broken = tmp_path / "broken"
     shutil.copytree(exported, broken)
@@ -84,10 +84,16 @@ def test_check_fails_on_a_wrong_graph(exported, checkpoint, tmp_path):
     weight = next(t for t in model.graph.initializer if numpy_helper.to_array(t).ndim == 4)
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1.01), weight.name))
     onnx.save(model, broken / "decoder.onnx")
+    arguments = ["check", str(broken), "--checkpoint", str(checkpoint), "--frames", "1", "--clip-length", "3",
+                 "--threads", "1"]
+    assert main(arguments) == 1  # the manifest's sha256 no longer matches: refused before running
+    assert "decoder.onnx is not the file that was exported" in capsys.readouterr().err
+    # an export whose manifest vouches for a wrong graph (the hash recorded after the change) is caught numerically
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["graphs"]["decoder"]["sha256"]["decoder.onnx"] = file_sha256(broken / "decoder.onnx")
+    (broken / "manifest.json").write_text(json.dumps(manifest))
     report_path = tmp_path / "report.json"
-    code = main(["check", str(broken), "--checkpoint", str(checkpoint), "--frames", "1", "--clip-length", "3",
-                 "--threads", "1", "--json", str(report_path)])
-    assert code == 1
+    assert main([*arguments, "--json", str(report_path)]) == 1
     assert not json.loads(report_path.read_text())["isolated"]["decoder/probability"]["ok"]
 
 

@@ -377,4 +377,4 @@ def test_runtime_readme_build_commands_parse():
     assert len(lines) >= 4
     for line in lines:
         args = build_parser().parse_args(shlex.split(line, comments=True))
-        assert args._run is runtime_cli.run_build, line
+        assert args._command.run is runtime_cli.run_build, line

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dpa.errors import DpaError
-from dpa.images import read_rgb, write_rgb
+from dpa.images import read_rgb, write_image
 from dpa.runtime.preprocess import postprocess_probability, preprocess_flow, preprocess_rgb
 
 
@@ -63,7 +63,7 @@ def test_postprocess_is_bilinear():
 def test_read_rgb(tmp_path):
     image = np.zeros((6, 7, 3), np.uint8)
     image[..., 0] = 200  # red
-    write_rgb(tmp_path / "red.png", image)
+    write_image(tmp_path / "red.png", image)
     assert cv2.imread(str(tmp_path / "red.png"))[0, 0].tolist() == [0, 0, 200]  # stored as BGR
     loaded = read_rgb(tmp_path / "red.png")
     assert loaded.shape == (6, 7, 3) and loaded[0, 0].tolist() == [200, 0, 0]

@@ -115,7 +115,7 @@ def test_sink_descriptions(monkeypatch):
 
     assert describe("null://") == head.format(live="false") + " ! fakesink sync=false"
     assert describe("/out/run.mp4") == (head.format(live="false") + f" ! {h264} ! h264parse ! "
-                                        "mp4mux fragment-duration=1000 fragment-mode=first-moov-then-finalise ! "
+                                        "mp4mux fragment-duration=1000 ! "
                                         "filesink location=/out/run.mp4")
     assert describe("file:///out/run.mkv") == (head.format(live="false") + f" ! {h264} ! h264parse ! matroskamux ! "
                                                "filesink location=/out/run.mkv")

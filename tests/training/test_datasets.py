@@ -35,7 +35,7 @@ def frame_value(sequence: int, frame: int) -> int:
     return 20 + 40 * sequence + 4 * frame
 
 
-def write_rgb(path: Path, value, height: int = HEIGHT, width: int = WIDTH) -> Path:
+def write_image(path: Path, value, height: int = HEIGHT, width: int = WIDTH) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image = np.empty((height, width, 3), np.uint8)
     image[:] = value
@@ -77,19 +77,19 @@ DAVIS_PALETTE = [(0, 0, 0), (236, 95, 103), (249, 145, 87), (250, 199, 100)]
 def make_images_tree(root: Path, sequences=("bear", "cows"), frames: int = 6, flow: bool = True) -> Path:
     for s, name in enumerate(sequences):
         for i in range(frames):
-            write_rgb(root / name / "JPEGImages" / f"{i:05d}.jpg", frame_value(s, i))
+            write_image(root / name / "JPEGImages" / f"{i:05d}.jpg", frame_value(s, i))
             write_mask(root / name / "Annotations" / f"{i:05d}.png")
             if flow:
-                write_rgb(root / name / "FLOW" / f"{i:05d}.png", 255 - frame_value(s, i))
+                write_image(root / name / "FLOW" / f"{i:05d}.png", 255 - frame_value(s, i))
     return root
 
 
 def make_davis_tree(root: Path) -> Path:
     for s, name in enumerate(("bear", "blackswan")):
         for i in range(4):
-            write_rgb(root / "JPEGImages" / "480p" / name / f"{i:05d}.jpg", frame_value(s, i))
+            write_image(root / "JPEGImages" / "480p" / name / f"{i:05d}.jpg", frame_value(s, i))
             write_mask(root / "Annotations" / "480p" / name / f"{i:05d}.png")
-            write_rgb(root / "FLOW" / "480p" / name / f"{i:05d}.png", 200)
+            write_image(root / "FLOW" / "480p" / name / f"{i:05d}.png", 200)
     sets = root / "ImageSets" / "480p"
     sets.mkdir(parents=True)
     line = "/JPEGImages/480p/{0}/{1:05d}.jpg /Annotations/480p/{0}/{1:05d}.png\n"
@@ -140,8 +140,8 @@ def test_davis2016_missing_annotation_is_counted(tmp_path):
 def test_youtube_vos_palette_masks_with_two_objects(tmp_path):
     base = tmp_path / "train"
     for i in range(10):
-        write_rgb(base / "JPEGImages" / "vid_a" / f"{i:05d}.jpg", frame_value(0, i))
-        write_rgb(base / "FLOW" / "vid_a" / f"{i:05d}.png", 128)
+        write_image(base / "JPEGImages" / "vid_a" / f"{i:05d}.jpg", frame_value(0, i))
+        write_image(base / "FLOW" / "vid_a" / f"{i:05d}.png", 128)
     ids = np.zeros((HEIGHT, WIDTH), np.uint8)
     ids[2:6, 2:6] = 1
     ids[10:20, 20:30] = 2
@@ -181,10 +181,10 @@ def test_preprocessed_flat_with_underscores_in_sequence_names(tmp_path, caplog):
     split = tmp_path / "DAVIS_train"
     for s, name in enumerate(("dog_agility", "bear")):
         for i in range(3):
-            write_rgb(split / "RGB" / f"{name}_{i:05d}.jpg", frame_value(s, i))
+            write_image(split / "RGB" / f"{name}_{i:05d}.jpg", frame_value(s, i))
             write_mask(split / "GT" / f"{name}_{i:05d}.png")
-            write_rgb(split / "FLOW" / f"{name}_{i:05d}.jpg", 180)
-    write_rgb(split / "RGB" / "stray.jpg", 0)
+            write_image(split / "FLOW" / f"{name}_{i:05d}.jpg", 180)
+    write_image(split / "RGB" / "stray.jpg", 0)
     assert detect_layout(tmp_path, "DAVIS_train") == "preprocessed"
     with caplog.at_level(logging.WARNING):
         listing = load_preprocessed(tmp_path, "DAVIS_train")
@@ -199,9 +199,9 @@ def test_preprocessed_flat_with_underscores_in_sequence_names(tmp_path, caplog):
 
 def test_preprocessed_one_folder_per_sequence_as_dpa_synth_writes(tmp_path):
     for i in range(4):
-        write_rgb(tmp_path / "train" / "RGB" / "clip0000" / f"{i:05d}.jpg", frame_value(0, i))
+        write_image(tmp_path / "train" / "RGB" / "clip0000" / f"{i:05d}.jpg", frame_value(0, i))
         write_mask(tmp_path / "train" / "GT" / "clip0000" / f"{i:05d}.png")
-        write_rgb(tmp_path / "train" / "FLOW" / "clip0000" / f"{i:05d}.png", 100)
+        write_image(tmp_path / "train" / "FLOW" / "clip0000" / f"{i:05d}.png", 100)
     (sequence,) = load_sequences(tmp_path, split="train")
     assert sequence.name == "clip0000" and sequence.frames == ["00000", "00001", "00002", "00003"]
     assert sequence.flow[3] == tmp_path / "train" / "FLOW" / "clip0000" / "00003.png"
@@ -211,9 +211,9 @@ def test_preprocessed_one_folder_per_sequence_as_dpa_synth_writes(tmp_path):
 def test_preprocessed_public_test_split_form(tmp_path):
     base = tmp_path / "DAVIS_test" / "black_swan"
     for i in range(3):
-        write_rgb(base / "RGB" / f"black_swan_{i:05d}.jpg", frame_value(0, i))
+        write_image(base / "RGB" / f"black_swan_{i:05d}.jpg", frame_value(0, i))
         write_mask(base / "GT" / f"black_swan_{i:05d}.png")
-        write_rgb(base / "FLOW" / f"black_swan_{i:05d}.jpg", 100)
+        write_image(base / "FLOW" / f"black_swan_{i:05d}.jpg", 100)
     assert detect_layout(tmp_path, "DAVIS_test") == "preprocessed"
     (sequence,) = load_preprocessed(tmp_path, "DAVIS_test")
     assert sequence.name == "black_swan" and sequence.frames == ["00000", "00001", "00002"]
@@ -225,7 +225,7 @@ def test_image_folders_with_a_separate_flow_root(tmp_path):
     root = make_images_tree(tmp_path / "data", flow=False)
     flow_root = tmp_path / "flow"
     for i in range(6):
-        write_rgb(flow_root / "bear" / "FLOW" / f"{i:05d}.png", 50)
+        write_image(flow_root / "bear" / "FLOW" / f"{i:05d}.png", 50)
     assert detect_layout(root) == "images"
     listing = load_image_folders(root, flow_root=flow_root)
     bear, cows = listing
@@ -236,9 +236,9 @@ def test_image_folders_with_a_separate_flow_root(tmp_path):
 def test_duts_pairs_and_not_a_video_dataset(tmp_path):
     for split in ("DUTS-TR", "DUTS-TE"):
         for name in ("a", "b"):
-            write_rgb(tmp_path / split / f"{split}-Image" / f"{split}_{name}.jpg", 90)
+            write_image(tmp_path / split / f"{split}-Image" / f"{split}_{name}.jpg", 90)
             write_mask(tmp_path / split / f"{split}-Mask" / f"{split}_{name}.png")
-    write_rgb(tmp_path / "DUTS-TR" / "DUTS-TR-Image" / "lonely.jpg", 90)
+    write_image(tmp_path / "DUTS-TR" / "DUTS-TR-Image" / "lonely.jpg", 90)
     pairs = load_duts(tmp_path)
     assert len(pairs) == 4 and pairs.skipped_count == 1
     assert all(image.stem == mask.stem for image, mask in pairs)
@@ -361,7 +361,7 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, caplog):
 
 def test_saliency_dataset_normalisation_is_exact(tmp_path):
     value = (200, 100, 50)
-    image = write_rgb(tmp_path / "img.png", value, SIZE, SIZE)  # PNG: exact pixel values
+    image = write_image(tmp_path / "img.png", value, SIZE, SIZE)  # PNG: exact pixel values
     mask = write_mask(tmp_path / "mask.png", SIZE, SIZE)
     dataset = SaliencyDataset([(image, mask)], SIZE, augment=False)
     item = dataset[0]

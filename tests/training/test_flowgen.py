@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpa.cli import main
-from dpa.images import read_rgb, write_rgb
+from dpa.images import read_rgb, write_image
 from dpa.runtime.flow import DISFlow, flow_to_rgb, offline_flow
 from dpa.synthetic import clip_rng, generate_clip
 from dpa.training.synth import write_dataset
@@ -20,7 +20,7 @@ def _write_clip(folder, index, names=FRAMES, template="{}.jpg"):
     frames, _ = generate_clip(clip_rng(0, index), len(names), 48)
     folder.mkdir(parents=True, exist_ok=True)
     for name, frame in zip(names, frames, strict=True):
-        write_rgb(folder / template.format(name), frame)
+        write_image(folder / template.format(name), frame)
 
 
 def _expected(frame_paths, size=352):
@@ -83,7 +83,7 @@ def test_existing_files_are_kept_unless_overwrite(tmp_path, capsys):
     _write_clip(tmp_path / "seq" / "JPEGImages", 0)
     assert main(["flow", "--data", str(tmp_path), "--layout", "images"]) == 0
     target = tmp_path / "seq" / "FLOW" / "00001.png"
-    write_rgb(target, np.zeros((48, 48, 3), np.uint8))
+    write_image(target, np.zeros((48, 48, 3), np.uint8))
     capsys.readouterr()
     assert main(["flow", "--data", str(tmp_path), "--layout", "images"]) == 0
     assert "wrote 0 flow images, kept 3 existing" in capsys.readouterr().out

@@ -1,22 +1,24 @@
 """ImageNet initialisation of the VGG-16 encoders at any width (SPEC §2.2; the `small` model of §2.8).
 
 At width 1 torchvision's `features.<i>` tensors are copied as they are (`VGG16Encoder.load_torchvision_state_dict`).
-A narrower encoder keeps a subset of each layer's filters, chosen on real frames (`vgg16_subset`):
+A narrower encoder keeps a subset of each layer's filters and refits their weights on real frames (`vgg16_subset`),
+the channel-pruning reconstruction of ThiNet (Luo et al., ICCV 2017) and He et al. (ICCV 2017):
 
 1. Criterion. The calibration frames go through the full ImageNet VGG-16. In each convolution the kept filters
    are the C' whose mean post-ReLU activation mean(max(z, 0)) over all frames and positions is largest: the
    filters that fire most on the video the model will see. They keep their original order.
-2. Slicing. A kept filter's weights are sliced to the previous layer's kept filters (the first layer keeps
-   the three RGB inputs), so every layer of the narrow encoder reads exactly the channels it keeps.
-3. Rescaling. Dropping inputs changes each pre-activation, and VGG has no normalisation to undo that, so the
-   change would compound over 13 layers. Each kept filter therefore gets weight × a and a new bias c, fitted on the
-   same frames with the narrow layers before it: it fires (is positive) at the same fraction of positions as the
-   full network's filter, and its mean activation is the full filter's divided by the full layer's activation
-   std. Matching the fraction active keeps the deep layers as sparse as VGG's (matching Gaussian moments did not:
-   the pre-activations are heavy-tailed, and blocks 4-5 ended 97-99 % zero instead of 88-94 %); dividing by the
-   layer's std puts every layer at unit scale. The weights distributed as Keras/Caffe VGG-16 (the shared file's
-   origin) have activations in the hundreds (the Caffe 0-255 input range), which drowned the attention outputs
-   that the IMA fusion concatenates to them and left BatchNorm running variances at 1e10 next to 1e-18.
+2. Reconstruction. The narrow layer reads only the previous layer's kept channels, so its weights cannot simply be
+   sliced from the full ones: each kept filter's weights (C'_in x 3 x 3) and bias are fitted by ridge least squares
+   so that, on the narrow network's own inputs (the narrow layers before it, so errors do not compound unseen),
+   its pre-activation reproduces the full network's pre-activation of that filter, divided by the full layer's
+   activation std (every layer at unit scale: the weights distributed as Keras/Caffe VGG-16, the shared file's
+   origin, have activations in the hundreds, which would drown the attention outputs that IMA concatenates to
+   them). The fit uses up to `SAMPLES` positions drawn with a fixed seed.
+
+On the `small` width (1/4) and 8 held-out DAVIS frames, the mean correlation of a kept channel with the full
+network's is 0.91 / 0.84 / 0.68 / 0.43 / 0.07 at the end of blocks 1-5, against 0.79 / 0.43 / 0.25 / 0.11 / 0.03
+for sliced weights rescaled to the full filters' activity (the previous recipe), which trained to J 0.09 on the
+development split in 600 steps.
 """
 
 from __future__ import annotations
@@ -38,14 +40,19 @@ POOL_BEFORE = frozenset(block[0] for block in VGG16_CONV_INDICES[1:])  # first c
 class SubsetInit:
     """A narrow encoder's ImageNet initialisation, per convolution in order (13 of them).
 
-    kept: the kept output filters (indices into the full layer, ascending); scale: a per kept filter (C',);
-    weights, biases: the resulting tensors (C', C'_in, 3, 3) and (C',).
+    kept: the kept output filters (indices into the full layer, ascending); weights, biases: the fitted tensors
+    (C', C'_in, 3, 3) and (C',); residual: the fit's relative residual per layer, |fit - target| / |target| over
+    the calibration positions.
     """
 
     kept: list[list[int]]
-    scale: list[torch.Tensor]
     weights: list[torch.Tensor]
     biases: list[torch.Tensor]
+    residual: list[float]
+
+
+SAMPLES = 20000  # positions per layer the weights are fitted on
+RIDGE = 1e-3  # ridge weight, relative to each input feature's mean square
 
 
 def _check_state(state_dict: dict[str, torch.Tensor]) -> None:
@@ -61,7 +68,7 @@ def _check_state(state_dict: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def vgg16_subset(state_dict: dict[str, torch.Tensor], channels: list[int], frames: torch.Tensor) -> SubsetInit:
-    """Choose and rescale a subset of every layer's filters of a torchvision VGG-16 (module doc).
+    """Choose a subset of every layer's filters of a torchvision VGG-16 and refit them (module doc).
 
     state_dict: `features.<i>.weight|bias` of the full network; channels: the 13 kept filter counts;
     frames: (B, 3, H, W) float32 ImageNet-normalised calibration frames (real video; a few dozen suffice).
@@ -72,7 +79,7 @@ def vgg16_subset(state_dict: dict[str, torch.Tensor], channels: list[int], frame
     if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] == 0:
         raise DpaError(f"calibration frames must be (B, 3, H, W) with B > 0, got {tuple(frames.shape)}")
     full = narrow = frames.float()
-    previous_kept = [0, 1, 2]
+    generator = torch.Generator().manual_seed(0)
     result = SubsetInit([], [], [], [])
     for index, count, available in zip(CONV_INDICES, channels, FULL_CHANNELS, strict=True):
         if not 1 <= count <= available:
@@ -86,40 +93,36 @@ def vgg16_subset(state_dict: dict[str, torch.Tensor], channels: list[int], frame
         # Largest mean activation first; a stable sort keeps the lower index first among equals.
         order = torch.sort(-activity, stable=True).indices
         kept = sorted(order[:count].tolist())
-        sliced = weight[kept][:, previous_kept]
-        narrow_z = F.conv2d(narrow, sliced, padding=1)  # without bias: c replaces it
         layer_scale = float(full_z.clamp_min(0).std()) or 1.0
-        scale, new_bias = _fit_activity(narrow_z, full_z[:, kept], layer_scale)
-        new_weight = sliced * scale[:, None, None, None]
+        new_weight, new_bias, residual = _fit_filters(narrow, full_z[:, kept] / layer_scale, generator)
         result.kept.append(kept)
-        result.scale.append(scale)
         result.weights.append(new_weight)
         result.biases.append(new_bias)
+        result.residual.append(residual)
         full = full_z.clamp_min(0)
         narrow = F.conv2d(narrow, new_weight, new_bias, padding=1).clamp_min(0)
-        previous_kept = kept
     return result
 
 
-def _fit_activity(
-    narrow_z: torch.Tensor, target_z: torch.Tensor, layer_scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel (a, c) such that max(a·narrow_z + c, 0) is positive at the fraction of positions where target_z
-    is, with mean max(target_z, 0) / layer_scale. narrow_z, target_z: (B, C, H, W). A channel whose narrow
-    pre-activation is constant gets a = 1 and the constant activation that has that mean."""
-    channels = narrow_z.shape[1]
-    narrow = narrow_z.transpose(0, 1).reshape(channels, -1)
-    target = target_z.transpose(0, 1).reshape(channels, -1)
-    active = (target > 0).float().mean(dim=1)  # fraction of positions where the full filter fires
-    wanted = target.clamp_min(0).mean(dim=1) / layer_scale
-    ordered = torch.sort(narrow, dim=1).values
-    rank = ((1 - active) * (ordered.shape[1] - 1)).round().long()
-    threshold = ordered.gather(1, rank[:, None])[:, 0]  # the narrow value above which that fraction lies
-    excess = (narrow - threshold[:, None]).clamp_min(0).mean(dim=1)
-    varies = excess > 1e-12
-    scale = torch.where(varies, wanted / excess.clamp_min(1e-12), torch.ones_like(wanted))
-    bias = torch.where(varies, -scale * threshold, wanted - threshold)
-    return scale, bias
+def _fit_filters(inputs: torch.Tensor, target: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """3x3 convolution weights (C', C_in, 3, 3) and bias (C',) whose output on `inputs` (B, C_in, H, W) is the
+    ridge least-squares fit of `target` (B, C', H, W), and the fit's relative residual."""
+    columns = F.unfold(inputs, 3, padding=1)  # (B, C_in * 9, H * W)
+    features = columns.shape[1]
+    rows = columns.permute(0, 2, 1).reshape(-1, features)
+    values = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1])
+    if len(rows) > SAMPLES:
+        pick = torch.randperm(len(rows), generator=generator)[:SAMPLES]
+        rows, values = rows[pick], values[pick]
+    design = torch.cat([rows, torch.ones(len(rows), 1)], dim=1).double()
+    gram = design.T @ design
+    strength = RIDGE * len(rows) * design.pow(2).mean(dim=0).clamp_min(1e-12)
+    strength[-1] = 0.0  # the bias is not shrunk
+    solution = torch.linalg.solve(gram + torch.diag(strength), design.T @ values.double())
+    residual = float((design @ solution - values).norm() / values.double().norm().clamp_min(1e-12))
+    weights = solution[:-1].T.reshape(target.shape[1], inputs.shape[1], 3, 3).float()
+    return weights, solution[-1].float(), residual
 
 
 def encoder_channels(encoder: VGG16Encoder) -> list[int]:

@@ -315,8 +315,9 @@ def initial_model(settings: TrainSettings, config: ModelConfig) -> DPA:
         narrow = tuple(encoder_channels(encoders[0])) != FULL_CHANNELS
         subset = load_imagenet_weights(encoders, state, imagenet_frames(settings, config) if narrow else None)
         if subset is not None:
-            log.info("ImageNet VGG-16: kept %s filters per layer, chosen by mean activation on frames of %s",
-                     "/".join(str(len(kept)) for kept in subset.kept), settings.data[0])
+            log.info("ImageNet VGG-16: kept %s filters per layer, chosen by mean activation and refitted on frames "
+                     "of %s (relative residual per layer %s)", "/".join(str(len(kept)) for kept in subset.kept),
+                     settings.data[0], "/".join(f"{value:.2f}" for value in subset.residual))
     if settings.init:
         payload = load_checkpoint(settings.init)
         load_state(model, payload["model"], source=payload["path"])

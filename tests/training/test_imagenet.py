@@ -33,30 +33,28 @@ def _frames(count: int = 4, size: int = 32) -> torch.Tensor:
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def test_hand_built_case_keeps_the_most_active_filters_and_slices_the_next_layer():
+def test_hand_built_case_keeps_the_most_active_filters_and_fits_constants():
     """Weights zero, bias of filter j = j + 1: every pre-activation is the constant j + 1, so the most active
-    filters are the last C' of each layer, in order. The narrow layers read zeros from their kept inputs (their
-    pre-activation without bias is constant), so a = 1 and the bias is the full filter's activation divided by the
-    full layer's activation std: (j + 1) / std over the layer's filters of the constants 1 … C."""
+    filters are the last C' of each layer, in order, and the fit is weights 0 and the bias (j + 1) / the full
+    layer's activation std (the std over the layer's filters of the constants 1 … C): unit scale."""
     state = _state(weight_scale=0.0)
     channels = encoder_channels(build_model(get_config("tiny")).encoders["appearance"])  # 1/8 width
     assert channels == [8, 8, 16, 16, 32, 32, 32, 64, 64, 64, 64, 64, 64]
     subset = vgg16_subset(state, channels, _frames())
-    previous, side = [0, 1, 2], 32
+    previous, side = 3, 32
     for layer, (count, full) in enumerate(zip(channels, FULL_CHANNELS, strict=True)):
         side //= 2 if CONV_INDICES[layer] in POOL_BEFORE else 1
         assert subset.kept[layer] == list(range(full - count, full))
-        assert subset.weights[layer].shape == (count, len(previous), 3, 3)
-        assert torch.equal(subset.weights[layer], torch.zeros(count, len(previous), 3, 3))
-        assert torch.equal(subset.scale[layer], torch.ones(count))
+        assert subset.weights[layer].shape == (count, previous, 3, 3)
+        assert subset.weights[layer].abs().max() < 1e-4
         constants = torch.arange(1, full + 1, dtype=torch.float32)
         layer_std = constants[None, :, None, None].expand(4, full, side, side).std()  # of the layer's activations
-        expected = constants[full - count:] / layer_std
-        torch.testing.assert_close(subset.biases[layer], expected, rtol=1e-5, atol=1e-6)
-        previous = subset.kept[layer]
+        torch.testing.assert_close(subset.biases[layer], constants[full - count:] / layer_std, rtol=1e-4, atol=1e-4)
+        assert subset.residual[layer] < 1e-4
+        previous = count
 
 
-def test_random_network_keeps_the_top_filters_their_sparsity_and_their_mean_activation():
+def test_random_network_keeps_the_top_filters_and_fits_them_better_than_slicing():
     state = _state(weight_scale=1.0, seed=2)
     frames = _frames()
     channels = [c // 4 for c in FULL_CHANNELS]
@@ -71,20 +69,20 @@ def test_random_network_keeps_the_top_filters_their_sparsity_and_their_mean_acti
         activity = full_z.clamp_min(0).mean(dim=(0, 2, 3))
         expected = sorted(torch.argsort(activity, descending=True)[: channels[layer]].tolist())
         assert subset.kept[layer] == expected
-        # The kept weights are the full ones, sliced to the previous layer's kept filters and scaled per filter.
-        sliced = weight[expected][:, previous] * subset.scale[layer][:, None, None, None]
-        torch.testing.assert_close(subset.weights[layer], sliced)
-        narrow_z = F.conv2d(narrow, subset.weights[layer], subset.biases[layer], padding=1)
-        target = full_z[:, expected]
-        positions = narrow_z[:, 0].numel()
-        # Fires at the same fraction of positions (up to the quantile's one position) …
-        fraction = (narrow_z > 0).float().mean(dim=(0, 2, 3))
-        torch.testing.assert_close(fraction, (target > 0).float().mean(dim=(0, 2, 3)), rtol=0, atol=2 / positions)
-        # … with the full filter's mean activation, on the layer's unit scale.
-        scale = full_z.clamp_min(0).std()
-        torch.testing.assert_close(narrow_z.clamp_min(0).mean(dim=(0, 2, 3)),
-                                   target.clamp_min(0).mean(dim=(0, 2, 3)) / scale, rtol=1e-4, atol=1e-6)
-        full, narrow, previous = full_z.clamp_min(0), narrow_z.clamp_min(0), expected
+        target = full_z[:, expected] / full_z.clamp_min(0).std()  # unit scale
+        fitted = F.conv2d(narrow, subset.weights[layer], subset.biases[layer], padding=1)
+        error = float((fitted - target).norm() / target.norm())
+        assert error == pytest.approx(subset.residual[layer], rel=1e-3)  # every position is a sample here
+        if layer == 0:
+            assert error < 1e-3  # all three inputs are kept: the full filter is reachable
+        # least squares beats the sliced full weights with their best single scale and bias per filter
+        sliced = F.conv2d(narrow, weight[expected][:, previous], padding=1)
+        flat_s, flat_t = sliced.transpose(0, 1).flatten(1), target.transpose(0, 1).flatten(1)
+        design = torch.stack([flat_s, torch.ones_like(flat_s)], dim=2)  # (C', N, 2)
+        best = torch.linalg.lstsq(design, flat_t[..., None]).solution
+        baseline = float((design @ best - flat_t[..., None]).norm() / flat_t.norm())
+        assert error <= baseline + 1e-4  # (the ridge costs ~2e-5 where slicing is exact: layer 0)
+        full, narrow, previous = full_z.clamp_min(0), fitted.clamp_min(0), expected
 
 
 def test_both_encoders_get_the_subset_and_full_width_is_a_plain_copy():

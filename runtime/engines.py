@@ -92,8 +92,10 @@ def best_backend() -> BackendChoice:
     """TensorRT when tensorrt and cuda-python import and a GPU is visible; else ONNX Runtime on the GPU when
     it has a CUDA or TensorRT provider and a GPU is visible; else ONNX Runtime on the CPU."""
     gpus = visible_gpus()
-    missing = [package for module, package in (("tensorrt", "tensorrt"), ("cuda", "cuda-python"))
-               if importlib.util.find_spec(module) is None]
+    from dpa.runtime.tensorrt_engine import cuda_python_installed
+
+    missing = ([] if importlib.util.find_spec("tensorrt") else ["tensorrt"]) + \
+        ([] if cuda_python_installed() else ["cuda-python"])
     if gpus and not missing:
         import tensorrt
 

@@ -2,18 +2,23 @@
 
 Torch-free. The library is built by the top-level CMakeLists.txt (export/plugins/README.md); it always has
 the kernels' C ABI (`dpa_*`, see export/plugins/dpa_kernels.h) and, when TensorRT headers were found at
-build time, the TensorRT plugin entry points `getCreators` / `setLoggerFinder`.
+build time, the TensorRT plugin entry points `getCreators` / `setLoggerFinder` and `dpa_tensorrt_major` (the
+TensorRT major of those headers).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
 
 from dpa.errors import DpaError
+
+log = logging.getLogger(__name__)
 
 LIBRARY_NAME = "libdpa_plugins.so"
 ENVIRONMENT_VARIABLE = "DPA_PLUGIN_LIBRARY"
@@ -24,6 +29,18 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 DTYPE_FLOAT32 = 0
 DTYPE_FLOAT16 = 1
 STATUS_SUCCESS = 0
+
+# The creators getCreators() hands TensorRT (dpa_plugins.cpp; export/reference.py OP_SPECS, which the runtime may
+# not import): (plugin name, version, namespace).
+TENSORRT_PLUGINS: tuple[tuple[str, str, str], ...] = tuple(
+    (name, "1", "")
+    for name in ("DpaPrototypes", "DpaPrototypeCorrelation", "DpaCrossModalAttention", "DpaPrototypeMemoryRead")
+)
+
+# TensorRT's plugin registry lives as long as the process and takes a library's creators once: so does this
+# record of the libraries dpa registered in it (resolved path -> the registry's library handle, None when the
+# creators were already there).
+_REGISTERED_LIBRARIES: dict[Path, object] = {}
 
 _P, _I64, _I32, _F, _SIZE = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_size_t
 # name -> (restype, argtypes) of the C ABI (dpa_kernels.h); the stream argument is a cudaStream_t (void*).
@@ -45,6 +62,14 @@ KERNEL_FUNCTIONS: dict[str, tuple[type, list[type]]] = {
 def build_command(repository: Path = REPOSITORY) -> str:
     """The command that builds the library into <repository>/build."""
     return f"cmake -S {repository} -B {repository / 'build'} && cmake --build {repository / 'build'} -j"
+
+
+def tensorrt_build_command(tensorrt_major: int, repository: Path = REPOSITORY) -> str:
+    """The command that rebuilds the library against the headers of TensorRT `tensorrt_major` (forgets the
+    TensorRT paths CMake cached from an earlier configure)."""
+    build = repository / "build"
+    return (f"cmake -S {repository} -B {build} -DTensorRT_ROOT=/path/to/TensorRT-{tensorrt_major} "
+            f"-UTensorRT_INCLUDE_DIR -UTensorRT_LIBRARY && cmake --build {build} -j")
 
 
 def search_locations() -> list[Path]:
@@ -115,7 +140,7 @@ def load_plugin_library(path: str | os.PathLike | None = None, tensorrt: ModuleT
     """Load libdpa_plugins.so (found as find_plugin_library(path)) into this process with RTLD_GLOBAL.
 
     Returns the ctypes handle with the kernel C ABI declared. With `tensorrt` (the imported tensorrt
-    module) the TensorRT plugins are also registered: see register_tensorrt_plugins.
+    module) the TensorRT plugins are also registered, once per process: see register_tensorrt_plugins.
     """
     library_path = find_plugin_library(path)
     try:
@@ -128,26 +153,93 @@ def load_plugin_library(path: str | os.PathLike | None = None, tensorrt: ModuleT
     return library
 
 
+def library_tensorrt_major(library: ctypes.CDLL) -> int | None:
+    """NV_TENSORRT_MAJOR of the headers the library's plugins were built against (its dpa_tensorrt_major()), or
+    None for a library built before it recorded one."""
+    try:
+        function = library.dpa_tensorrt_major
+    except AttributeError:
+        return None
+    function.restype, function.argtypes = ctypes.c_int32, []
+    return int(function())
+
+
+def tensorrt_major(tensorrt_version: str) -> int:
+    """"10.3.0.30" -> 10."""
+    major = re.match(r"\d+", tensorrt_version)
+    if major is None:
+        raise DpaError(f"cannot tell the major version of TensorRT {tensorrt_version!r}")
+    return int(major.group())
+
+
+def check_tensorrt_major(path: str | os.PathLike, library: ctypes.CDLL, tensorrt_version: str) -> None:
+    """DpaError unless the library's plugins were built against the major version of the running TensorRT
+    (`tensorrt_version`, e.g. "10.3.0.30"): the plugin interfaces change between majors (TensorRT 11.1 gave
+    ILoggerFinder a base class), so a library of another major loads and then crashes."""
+    major = tensorrt_major(tensorrt_version)
+    built = library_tensorrt_major(library)
+    if built is None:
+        raise DpaError(f"{path} records no TensorRT major version (built before dpa_tensorrt_major existed); "
+                       f"rebuild it against TensorRT {tensorrt_version}: `{tensorrt_build_command(major)}`")
+    if built != major:
+        raise DpaError(f"{path} was built against TensorRT {built} headers, this process runs TensorRT "
+                       f"{tensorrt_version}; rebuild it against TensorRT {major}: `{tensorrt_build_command(major)}`")
+
+
+def registered_plugin_library() -> Path | None:
+    """The library whose plugins register_tensorrt_plugins registered with TensorRT in this process, if any."""
+    return next(iter(_REGISTERED_LIBRARIES), None)
+
+
+def registered_plugins(registry) -> list[str]:
+    """The names of TENSORRT_PLUGINS that TensorRT's plugin registry already has a creator for."""
+    return [name for name, version, namespace in TENSORRT_PLUGINS
+            if registry.get_creator(name, version, namespace) is not None]
+
+
 def register_tensorrt_plugins(
     path: str | os.PathLike, tensorrt: ModuleType, library: ctypes.CDLL | None = None
 ) -> object:
-    """Register the plugins of the library at `path` with TensorRT's plugin registry.
+    """Register the plugins of the library at `path` with TensorRT's plugin registry, once per process.
 
-    Calls tensorrt.get_plugin_registry().load_library(path) (TensorRT calls the library's getCreators and
-    setLoggerFinder) and returns the registry's library handle. Raises DpaError when the library was built
-    without the TensorRT plugin classes or TensorRT refuses it.
+    Checks that the library has the TensorRT plugin classes and was built against the running TensorRT major,
+    then calls tensorrt.get_plugin_registry().load_library(path) (TensorRT calls the library's getCreators and
+    setLoggerFinder) unless this process already registered it, or the registry already has all of its creators
+    (registered by other code: used as they are). Returns the registry's library handle (None in the latter case).
+    Raises DpaError for a library without the plugins or of another TensorRT major, when another library
+    registered some or all of these plugin names, or when TensorRT refuses the library.
     """
-    path = Path(path)
+    path = Path(path).resolve()
+    if path in _REGISTERED_LIBRARIES:
+        return _REGISTERED_LIBRARIES[path]
     library = library if library is not None else ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     if not has_tensorrt_plugins(library):
         raise DpaError(
             f"{path} was built without the TensorRT plugins (no TensorRT headers at build time); rebuild with "
             f"`export TensorRT_ROOT=/path/to/TensorRT && {build_command()}`"
         )
-    handle = tensorrt.get_plugin_registry().load_library(str(path))
+    version = str(getattr(tensorrt, "__version__", "?"))
+    check_tensorrt_major(path, library, version)
+    registry = tensorrt.get_plugin_registry()
+    present = registered_plugins(registry)
+    other = registered_plugin_library()
+    if other is not None and present:
+        raise DpaError(f"TensorRT already has the DPA plugins in this process, registered for {other}, and takes "
+                       f"them once per process: use that library, or use {path} in a new process")
+    if len(present) == len(TENSORRT_PLUGINS):
+        log.info("TensorRT already has the DPA plugins (registered by other code in this process): using them")
+        _REGISTERED_LIBRARIES[path] = None
+        return None
+    if present:
+        raise DpaError(f"TensorRT already has plugins named {', '.join(present)} from another library in this "
+                       f"process, so it cannot register {path}; run it in a new process")
+    handle = registry.load_library(str(path))
     if handle is None:
-        raise DpaError(
-            f"TensorRT {getattr(tensorrt, '__version__', '?')} could not load the plugins of {path} "
-            "(built against another TensorRT major version?); rebuild it against the installed TensorRT"
-        )
+        raise DpaError(f"TensorRT {version} refused the plugin library {path} (IPluginRegistry.load_library "
+                       "returned None although none of its plugins was registered; TensorRT's log says why)")
+    missing = [name for name, *_ in TENSORRT_PLUGINS if name not in registered_plugins(registry)]
+    if missing:
+        raise DpaError(f"{path} did not register {', '.join(missing)}: an outdated build; rebuild it with "
+                       f"`{tensorrt_build_command(tensorrt_major(version))}`")
+    _REGISTERED_LIBRARIES[path] = handle
     return handle

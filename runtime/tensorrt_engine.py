@@ -2,8 +2,9 @@
 invalidates it, and run with cuda-python on one stream with buffers allocated once. Needs an NVIDIA GPU.
 
 Written against the TensorRT 10.x and 11.x Python API (enum names only, no precision builder flags on 11.x).
-The pure decisions — plan hash and file names, the form to build, the builder flags per TensorRT version —
-are plain functions tested without TensorRT; the rest is a thin layer over TensorRT and the CUDA runtime.
+The pure decisions — plan hash and file names, the form to build, the builder flags per TensorRT version, the
+cuda-python that matches the installed TensorRT — are plain functions tested without TensorRT; the rest is a thin
+layer over TensorRT and the CUDA runtime.
 This module imports without tensorrt and cuda-python; they are imported when an engine is opened.
 """
 
@@ -11,10 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
 import re
+import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -35,8 +39,11 @@ log = logging.getLogger(__name__)
 PLAN_FORMAT = "dpa-plan/1"  # part of every plan hash: change it when the build recipe changes
 MINIMUM_TENSORRT = (10, 3)
 PLUGIN_PREFERRED_FROM = (10, 7)  # TensorRT's ONNX parser prefers a registered plugin over a local function
-INSTALL_HINT = ("the `tensorrt` extra: pip install 'dpa-edge[tensorrt]' on RTX desktops; on Jetson JetPack's "
-                "python3-libnvinfer plus pip install cuda-python")
+INSTALL_HINT = ("RTX desktops: pip install 'dpa-edge[tensorrt-cu12]' for a CUDA 12 driver, 'dpa-edge[tensorrt-cu13]' "
+                "for CUDA 13; Jetson: JetPack's python3-libnvinfer plus pip install 'cuda-python>=12.0,<13' "
+                "(JetPack 6; JetPack 7: 'cuda-python>=13.0,<14')")
+TENSORRT_EXTRA_CUDA_MAJORS = (12, 13)  # pyproject.toml's tensorrt-cu12 and tensorrt-cu13 extras
+DPKG_STATUS = Path("/var/lib/dpkg/status")
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,99 @@ def timing_cache_name(tensorrt_version: str, gpu: GpuInfo) -> str:
     return f"timing-{tensorrt_version}-{gpu.slug}.cache"
 
 
+def normalized_name(distribution: str) -> str:
+    """A distribution name as pip compares them (PEP 503): "tensorrt_cu12_libs" -> "tensorrt-cu12-libs"."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def tensorrt_cuda_major(distributions: Mapping[str, str], debian_packages: Mapping[str, str] | None = None
+                        ) -> int | None:
+    """The CUDA major version the installed TensorRT was built for, or None when it cannot be told.
+
+    distributions: installed Python distributions, name -> version; pip's TensorRT names its CUDA major
+    (tensorrt-cu12, tensorrt_cu13_libs, ...; several majors at once are ambiguous: None). debian_packages:
+    installed Debian packages, name -> version, asked only when no pip TensorRT names a major: JetPack's
+    python3-libnvinfer and libnvinferN carry it in the version ("10.3.0.30-1+cuda12.5" -> 12).
+    """
+    pip = {int(match.group(1)) for name in distributions
+           if (match := re.fullmatch(r"tensorrt-cu(\d+)(-bindings|-libs)?", normalized_name(name)))}
+    if pip:
+        return pip.pop() if len(pip) == 1 else None
+    debian = {int(match.group(1)) for name, version in (debian_packages or {}).items()
+              if re.fullmatch(r"(python3-)?libnvinfer\d*", name) and (match := re.search(r"\+cuda(\d+)", version))}
+    return debian.pop() if len(debian) == 1 else None
+
+
+def cuda_python_requirement(cuda_major: int | None) -> str | None:
+    """The cuda-python requirement that pairs with TensorRT built for CUDA `cuda_major` (12 ->
+    "cuda-python>=12.0,<13": cuda-python 13 needs a CUDA 13 driver); None when the major is unknown."""
+    return None if cuda_major is None else f"cuda-python>={cuda_major}.0,<{cuda_major + 1}"
+
+
+def cuda_python_hint(cuda_major: int | None) -> str:
+    """`pip install '<requirement>'` for TensorRT's CUDA major, or both choices when it is unknown."""
+    requirement = cuda_python_requirement(cuda_major)
+    if requirement is not None:
+        return f"pip install '{requirement}'"
+    return ("pip install the cuda-python of your TensorRT's CUDA major: 'cuda-python>=12.0,<13' for CUDA 12 "
+            "(JetPack 6), 'cuda-python>=13.0,<14' for CUDA 13")
+
+
+def check_cuda_python(cuda_python_version: str | None, tensorrt_version: str, cuda_major: int | None) -> None:
+    """DpaError unless the installed cuda-python (`cuda_python_version`; None: no distribution metadata) has the
+    CUDA major TensorRT was built for (`cuda_major`; None: unknown, nothing to check)."""
+    if cuda_python_version is None or cuda_major is None:
+        return
+    if version_tuple(cuda_python_version)[:1] != (cuda_major,):
+        raise DpaError(f"cuda-python {cuda_python_version} does not pair with TensorRT {tensorrt_version}, built for "
+                       f"CUDA {cuda_major}: {cuda_python_hint(cuda_major)}")
+
+
+def check_cuda_driver(cuda_python_version: str | None, driver_version: int, cuda_major: int | None) -> None:
+    """DpaError when the installed cuda-python is of a newer CUDA major than the driver supports
+    (`driver_version` from cudaDriverGetVersion, e.g. 12060): every CUDA call would fail with
+    cudaErrorInsufficientDriver. The fix named depends on TensorRT's CUDA major `cuda_major` (None: unknown)."""
+    driver_major = driver_version // 1000
+    if cuda_python_version is None or version_tuple(cuda_python_version)[:1] <= (driver_major,):
+        return
+    if cuda_major is None or cuda_major <= driver_major:
+        fix = cuda_python_hint(driver_major)
+    elif driver_major in TENSORRT_EXTRA_CUDA_MAJORS:
+        fix = (f"install a driver for CUDA {cuda_major}, or TensorRT and cuda-python for CUDA {driver_major}: "
+               f"pip install 'dpa-edge[tensorrt-cu{driver_major}]'")
+    else:
+        fix = f"install a driver for CUDA {cuda_major}"
+    raise DpaError(f"cuda-python {cuda_python_version} needs a CUDA {version_tuple(cuda_python_version)[0]} driver, "
+                   f"this driver supports CUDA {cuda_version_string(driver_version)}: {fix}")
+
+
+def cuda_version_string(version: int) -> str:
+    """A CUDA version number as CUDA reports it -> "major.minor": 12060 -> "12.6"."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def parse_dpkg_status(text: str) -> dict[str, str]:
+    """Installed Debian packages, name -> version, from the text of /var/lib/dpkg/status."""
+    packages = {}
+    for stanza in text.split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", stanza, re.MULTILINE))
+        if "Package" in fields and "Version" in fields and fields.get("Status", "").endswith(" installed"):
+            packages[fields["Package"]] = fields["Version"]
+    return packages
+
+
+def cuda_python_installed() -> bool:
+    """Whether cuda-python's CUDA runtime bindings can be imported (cuda.bindings.runtime, or cuda.cudart before
+    cuda-python 12.6). A bare `cuda` namespace package (left by other NVIDIA wheels) does not count."""
+    for module in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            if importlib.util.find_spec(module) is not None:
+                return True
+        except (ImportError, ValueError):
+            continue
+    return False
+
+
 # --- TensorRT and CUDA: everything below needs them ---------------------------------------------------------
 
 def import_tensorrt() -> ModuleType:
@@ -187,20 +287,42 @@ def import_tensorrt() -> ModuleType:
     return require_module("tensorrt", "tensorrt", f"the TensorRT backend ({INSTALL_HINT})")
 
 
-def import_cudart() -> ModuleType:
-    """cuda-python's CUDA runtime module (cuda.bindings.runtime, or cuda.cudart before cuda-python 12.6)."""
+def installed_distributions() -> dict[str, str]:
+    """Installed Python distributions, normalized name -> version."""
+    return {normalized_name(distribution.metadata["Name"]): distribution.version
+            for distribution in importlib.metadata.distributions() if distribution.metadata["Name"]}
+
+
+def installed_debian_packages() -> dict[str, str]:
+    """Installed Debian packages, name -> version ({} where there is no dpkg)."""
+    return parse_dpkg_status(DPKG_STATUS.read_text(errors="replace")) if DPKG_STATUS.is_file() else {}
+
+
+def import_cudart(cuda_major: int | None) -> ModuleType:
+    """cuda-python's CUDA runtime module (cuda.bindings.runtime, or cuda.cudart before cuda-python 12.6), or
+    DpaError naming the cuda-python for TensorRT's CUDA major `cuda_major`."""
     try:
         from cuda.bindings import runtime
     except ImportError:
-        return require_module("cuda.cudart", "cuda-python", f"the TensorRT backend ({INSTALL_HINT})")
+        try:
+            from cuda import cudart
+        except ImportError as error:
+            raise DpaError(f"the TensorRT backend needs cuda-python ({error}): {cuda_python_hint(cuda_major)}"
+                           ) from error
+        return cudart
     return runtime
 
 
 class Cuda:
-    """The few CUDA runtime calls the runner needs, with errors turned into DpaError."""
+    """The few CUDA runtime calls the runner needs, on GPU `device`, with errors turned into DpaError.
 
-    def __init__(self, cudart: ModuleType):
+    The current device is a per-thread setting of the CUDA runtime: use_device() makes `device` current in the
+    calling thread, once per thread (a thread-local flag: the check costs an attribute look-up per call)."""
+
+    def __init__(self, cudart: ModuleType, device: int = 0):
         self.cudart = cudart
+        self.device = device
+        self._thread = threading.local()
 
     def call(self, function: str, *arguments):
         """cudart.<function>(*arguments) -> its results after the status (None, one value, or a tuple)."""
@@ -210,11 +332,18 @@ class Cuda:
             raise DpaError(f"CUDA {function} failed: {name.decode() if isinstance(name, bytes) else name}")
         return None if not results else results[0] if len(results) == 1 else tuple(results)
 
-    def gpu(self, index: int) -> GpuInfo:
+    def use_device(self) -> None:
+        """cudaSetDevice(device) in the calling thread, unless this thread already did."""
+        if getattr(self._thread, "device_set", False):
+            return
+        self.call("cudaSetDevice", self.device)
+        self._thread.device_set = True
+
+    def gpu(self) -> GpuInfo:
         count = self.call("cudaGetDeviceCount")
-        if index >= count:
-            raise DpaError(f"GPU cuda:{index} asked for, {count} visible")
-        properties = self.call("cudaGetDeviceProperties", index)
+        if self.device >= count:
+            raise DpaError(f"GPU cuda:{self.device} asked for, {count} visible")
+        properties = self.call("cudaGetDeviceProperties", self.device)
         name = properties.name
         name = name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)
         return GpuInfo(name.strip(), (int(properties.major), int(properties.minor)))
@@ -242,6 +371,7 @@ class CudaTransfer:
         self.cuda = cuda
 
     def upload(self, array: np.ndarray) -> DeviceTensor:
+        self.cuda.use_device()
         array = np.ascontiguousarray(array)
         pointer = self.cuda.call("cudaMalloc", max(array.nbytes, 1))
         tensor = DeviceTensor(pointer, tuple(array.shape), array.dtype)
@@ -253,6 +383,7 @@ class CudaTransfer:
     def download(self, tensor: Any) -> np.ndarray:
         if not isinstance(tensor, DeviceTensor):
             return np.asarray(tensor)
+        self.cuda.use_device()
         host = np.empty(tensor.shape, tensor.dtype)
         kind = self.cuda.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self.cuda.call("cudaMemcpy", host.ctypes.data, tensor.pointer, host.nbytes, kind)
@@ -269,6 +400,7 @@ class TensorRTRunner:
         self.engine = engine
         self.cuda = cuda
         self.stream = stream
+        cuda.use_device()
         self.context = engine.create_execution_context()
         if self.context is None:
             raise DpaError(f"TensorRT could not create an execution context for {name} (out of GPU memory?)")
@@ -306,6 +438,7 @@ class TensorRTRunner:
         if missing or unknown:
             raise DpaError(f"graph {self.name}: missing inputs {missing}, unknown inputs {unknown}")
         wanted = output_names or self.output_names
+        self.cuda.use_device()
         cudart, stream = self.cuda.cudart, self.stream
         to_device, to_host = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         start = time.perf_counter()
@@ -331,6 +464,7 @@ class TensorRTRunner:
         """Device tensors (or host arrays) in, device tensors out: a device input is read where it lies (its
         address is bound, nothing is copied), a host array is copied into this runner's input buffer. The
         outputs are this runner's own buffers, valid until it runs again."""
+        self.cuda.use_device()
         cudart, stream = self.cuda.cudart, self.stream
         to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         start = time.perf_counter()
@@ -356,6 +490,7 @@ class TensorRTRunner:
                 for name in self.output_names}
 
     def close(self) -> None:
+        self.cuda.use_device()
         for pointer in self.device.values():
             self.cuda.call("cudaFree", pointer)
         for array in self.host.values():
@@ -364,14 +499,22 @@ class TensorRTRunner:
         self.context = None
 
 
-_REGISTERED_PLUGIN_LIBRARIES: dict[Path, object] = {}  # TensorRT's registry loads a library once per process
-
-
 def load_plugins(tensorrt: ModuleType, plugin_library: str | os.PathLike | None) -> Path | None:
-    """Register libdpa_plugins.so with TensorRT; its path, or None when none was given and none is found or the
-    one found has no TensorRT plugins (logged). A given library that cannot be used is a DpaError."""
-    from dpa.runtime.plugins import find_plugin_library, has_tensorrt_plugins, load_plugin_library
+    """Register libdpa_plugins.so with TensorRT (once per process: see register_tensorrt_plugins); its path, or None.
 
+    plugin_library None: the library this process already registered, else the one find_plugin_library finds;
+    None when there is none or the one found has no TensorRT plugins (logged). A given library that cannot be
+    used, or a found one built against another TensorRT major, is a DpaError."""
+    from dpa.runtime.plugins import (
+        find_plugin_library,
+        has_tensorrt_plugins,
+        load_plugin_library,
+        register_tensorrt_plugins,
+        registered_plugin_library,
+    )
+
+    if plugin_library is None and registered_plugin_library() is not None:
+        return registered_plugin_library()
     try:
         path = find_plugin_library(plugin_library)
     except DpaError:
@@ -379,21 +522,30 @@ def load_plugins(tensorrt: ModuleType, plugin_library: str | os.PathLike | None)
             raise
         log.info("libdpa_plugins.so not found: the custom nodes run as their function bodies")
         return None
-    if path in _REGISTERED_PLUGIN_LIBRARIES:
-        return path
     library = load_plugin_library(path)
     if not has_tensorrt_plugins(library) and plugin_library is None:
         log.warning("%s was built without TensorRT plugins (no TensorRT headers): not used", path)
         return None
-    from dpa.runtime.plugins import register_tensorrt_plugins
-
-    _REGISTERED_PLUGIN_LIBRARIES[path] = register_tensorrt_plugins(path, tensorrt, library)
+    register_tensorrt_plugins(path, tensorrt, library)
     return path
 
 
 def _parse_errors(parser) -> str:
     errors = [parser.get_error(i) for i in range(min(parser.num_errors, 5))]
     return "; ".join(error.desc() if hasattr(error, "desc") else str(error) for error in errors)
+
+
+def attach_timing_cache(config, cached: bytes):
+    """The timing cache made from `cached` (a serialised cache, b"" for none) and set on the builder config; an
+    empty one when TensorRT rejects `cached` (create_timing_cache returns None or set_timing_cache False: logged).
+    DpaError when even an empty one fails."""
+    for data in (cached, b"") if cached else (b"",):
+        timing_cache = config.create_timing_cache(data)
+        if timing_cache is not None and config.set_timing_cache(timing_cache, False):
+            return timing_cache
+        if data:
+            log.warning("the timing cache does not match this TensorRT/GPU or is damaged; starting an empty one")
+    raise DpaError("TensorRT could not create an empty timing cache (out of memory?); see TensorRT's messages")
 
 
 def build_plan(tensorrt: ModuleType, logger, onnx_path: Path, policy: BuilderPolicy, settings: BuildSettings,
@@ -417,11 +569,7 @@ def build_plan(tensorrt: ModuleType, logger, onnx_path: Path, policy: BuilderPol
     for flag in policy.clear_flags:
         if hasattr(tensorrt.BuilderFlag, flag):
             config.clear_flag(getattr(tensorrt.BuilderFlag, flag))
-    timing_cache = config.create_timing_cache(timing_cache_bytes)
-    if not config.set_timing_cache(timing_cache, False):
-        log.warning("timing cache does not match this TensorRT/GPU; starting an empty one")
-        timing_cache = config.create_timing_cache(b"")
-        config.set_timing_cache(timing_cache, False)
+    timing_cache = attach_timing_cache(config, timing_cache_bytes)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise DpaError(f"TensorRT failed to build a plan from {onnx_path} (see the TensorRT messages above)")
@@ -481,11 +629,17 @@ def open_tensorrt_engine(directory: Path, manifest: Manifest, precision: str, *,
     if kind == "cpu":
         raise DpaError("TensorRT runs on an NVIDIA GPU; use --backend onnxruntime for the CPU")
     tensorrt = import_tensorrt()
-    cuda = Cuda(import_cudart())
     version = tensorrt.__version__
+    distributions = installed_distributions()
+    cuda_major = tensorrt_cuda_major(distributions, installed_debian_packages())
+    cuda_python = distributions.get("cuda-bindings") or distributions.get("cuda-python")
+    check_cuda_python(cuda_python, version, cuda_major)
+    cuda = Cuda(import_cudart(cuda_major), index)
+    driver_version = cuda.call("cudaDriverGetVersion")
+    check_cuda_driver(cuda_python, driver_version, cuda_major)
     policy = builder_policy(version, precision, settings)
-    gpu = cuda.gpu(index)
-    cuda.call("cudaSetDevice", index)
+    gpu = cuda.gpu()
+    cuda.use_device()
     plugins = load_plugins(tensorrt, plugin_library)
     choice = choose_tensorrt_form(manifest.forms, plugins is not None, version, form)
     log.info("TensorRT %s on %s: %s form (%s), %s", version, gpu.name, choice.form, choice.note,
@@ -503,6 +657,7 @@ def open_tensorrt_engine(directory: Path, manifest: Manifest, precision: str, *,
     resources = [runtime, logger]
 
     def close() -> None:  # contexts, then engines, then the runtime that deserialised them, then the stream
+        cuda.use_device()
         for runner in runners.values():
             runner.close()
         runners.clear()
@@ -531,8 +686,13 @@ def open_tensorrt_engine(directory: Path, manifest: Manifest, precision: str, *,
                "plugin_library": str(plugins) if plugins else None, "form_note": choice.note,
                "strongly_typed": policy.strongly_typed, "builder_flags": list(policy.set_flags),
                "settings": asdict(settings)}
-    cuda_version = cuda.call("cudaRuntimeGetVersion")
-    versions = {"tensorrt": version, "cuda_runtime": f"{cuda_version // 1000}.{cuda_version % 1000 // 10}"}
+    # cuda_driver: the newest CUDA the driver supports. cudaRuntimeGetVersion answers for cuda-python's own
+    # runtime, not for the CUDA TensorRT was built with (tensorrt_cuda_major, from the installed packages).
+    versions = {"tensorrt": version,
+                "tensorrt_cuda_major": str(cuda_major) if cuda_major is not None else "unknown",
+                "cuda_driver": cuda_version_string(driver_version),
+                "cuda_python": cuda_python or "unknown",
+                "cuda_python_runtime": cuda_version_string(cuda.call("cudaRuntimeGetVersion"))}
     return Engine(backend="tensorrt", precision=precision, device=f"cuda:{index}", directory=directory,
                   manifest=manifest, runners=runners, loads=loads, form=choice.form, providers=[f"TensorRT {version}"],
                   versions=versions, details=details, transfer=CudaTransfer(cuda), close=close)

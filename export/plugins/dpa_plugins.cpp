@@ -5,6 +5,8 @@
  */
 #include "dpa_plugins.h"
 
+#include <NvInferVersion.h>
+
 #include <cmath>
 #include <exception>
 #include <mutex>
@@ -592,5 +594,10 @@ extern "C"
     void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
     {
         dpa::plugins::logger().setFinder(finder);
+    }
+
+    int32_t dpa_tensorrt_major(void)
+    {
+        return NV_TENSORRT_MAJOR;
     }
 }

@@ -5,7 +5,8 @@
  *   DpaPrototypes, DpaPrototypeCorrelation, DpaCrossModalAttention, DpaPrototypeMemoryRead;
  * plugin version "1", namespace ""; PluginField names are the ONNX attribute names (float32 scalars).
  * The kernels are those of dpa_kernels.h. The library exports getCreators() and setLoggerFinder() with C
- * linkage, so `trtexec --dynamicPlugins=libdpa_plugins.so` and IPluginRegistry::loadLibrary() find them.
+ * linkage, so `trtexec --dynamicPlugins=libdpa_plugins.so` and IPluginRegistry::loadLibrary() find them, and
+ * dpa_tensorrt_major(): the plugin interfaces differ between TensorRT majors, so a loader checks it first.
  */
 #ifndef DPA_PLUGINS_H
 #define DPA_PLUGINS_H
@@ -121,6 +122,10 @@ extern "C"
     DPA_API nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators);
     // Lets the plugins log through the application's ILogger.
     DPA_API void setLoggerFinder(nvinfer1::ILoggerFinder* finder);
+    // NV_TENSORRT_MAJOR of the headers this library was built against. TensorRT's plugin interfaces change
+    // between majors (11.1: ILoggerFinder derives from IVersionedInterface), so a library built for another
+    // major loads but crashes when a plugin logs: loaders compare this with the running TensorRT first.
+    DPA_API int32_t dpa_tensorrt_major(void);
 }
 
 #endif // DPA_PLUGINS_H

@@ -7,6 +7,7 @@ import ctypes
 import importlib.util
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,10 @@ def test_cmake_build_reports_what_it_built(build, library):
     assert built or "TensorRT plugin classes: skipped (" in tensorrt_line  # skipped, with the reason
     assert plugins.has_tensorrt_plugins(library) == built
     assert hasattr(library, "setLoggerFinder") == built
+    assert hasattr(library, "dpa_tensorrt_major") == built
+    if built:  # the major of the headers CMake reported, e.g. "built against TensorRT 10.3.0 (...)"
+        major = int(re.search(r"built against TensorRT (\d+)\.", tensorrt_line).group(1))
+        assert plugins.library_tensorrt_major(library) == major
     # The statically linked CUDA runtime is not re-exported.
     assert not hasattr(library, "cudaMalloc")
 
@@ -102,6 +107,19 @@ def test_c_abi_checks_arguments_without_touching_the_gpu(library):
     assert library.dpa_prototypes(fake, fake, 1, 16, 64, 0, fake, 0, None) == 2  # workspace too small
     assert library.dpa_prototype_correlation(fake, fake, 1, 16, 64, 0.0, 0, fake, 1 << 20, None) == 1  # epsilon 0
     assert library.dpa_prototypes(None, None, 0, 16, 64, 0, None, 0, None) == 0  # batch 0: nothing to do
+
+
+def test_plugin_creators_agree_with_the_op_specs_and_the_sources():
+    """The (name, version, namespace) the runtime asks TensorRT's registry for are the exported ops' and those
+    getCreators() hands TensorRT; the library records its TensorRT major where the plugins are compiled."""
+    assert list(plugins.TENSORRT_PLUGINS) == [(spec.name, spec.version, spec.namespace)
+                                              for spec in reference.OP_SPECS.values()]
+    source = (REPO / "export" / "plugins" / "dpa_plugins.cpp").read_text()
+    assert re.findall(r'\{"(Dpa\w+)", \d', source) == [name for name, *_ in plugins.TENSORRT_PLUGINS]
+    assert 'kPluginVersion = "1";' in source and 'kPluginNamespace = "";' in source
+    assert re.search(r"int32_t dpa_tensorrt_major\(void\)\s*\{\s*return NV_TENSORRT_MAJOR;\s*\}", source)
+    header = (REPO / "export" / "plugins" / "dpa_plugins.h").read_text()
+    assert "DPA_API int32_t dpa_tensorrt_major(void);" in header
 
 
 # --- GPU: the kernels against the NumPy reference ------------------------------------------------------------
@@ -279,7 +297,13 @@ def test_tensorrt_plugins_in_a_network(build, dtype, tolerance):
     library = plugins.load_plugin_library(build.directory)
     if not plugins.has_tensorrt_plugins(library):
         pytest.skip("the library was built without TensorRT headers (set TensorRT_ROOT)")
-    plugins.register_tensorrt_plugins(build.library, trt, library)
+    registered = plugins.registered_plugin_library()
+    if registered not in (None, build.library.resolve()):
+        pytest.skip(f"TensorRT already has the plugins of {registered} in this process (one library per process)")
+    # Registered once per process: the second dtype (and any later caller) gets the same handle back.
+    handle = plugins.register_tensorrt_plugins(build.library, trt, library)
+    assert plugins.register_tensorrt_plugins(build.library, trt, library) is handle
+    assert plugins.registered_plugins(trt.get_plugin_registry()) == [name for name, *_ in plugins.TENSORRT_PLUGINS]
     x = make_inputs("normal", (1, 16, 484), dtype, seed=40)
     keys, values = (make_inputs("normal", (1, 4, 16, 16), dtype, seed=41 + i) for i in range(2))
     valid = torch.tensor([[1.0, 0.0, 1.0, 1.0]], device="cuda")

@@ -36,6 +36,7 @@ from dpa.runtime.tensorrt_engine import (
     PlanInputs,
     builder_policy,
     choose_tensorrt_form,
+    cuda_python_installed,
     plan_file_name,
     plan_hash,
     timing_cache_name,
@@ -316,7 +317,8 @@ def test_build_options_agree_with_the_engines_and_stay_light():
 @pytest.fixture
 def tensorrt_gpu():
     tensorrt = pytest.importorskip("tensorrt", reason="TensorRT not installed")
-    pytest.importorskip("cuda", reason="cuda-python not installed")
+    if not cuda_python_installed():  # not importorskip("cuda"): a bare `cuda` namespace package imports too
+        pytest.skip("cuda-python not installed")
     if not visible_gpus():
         pytest.skip("no GPU visible")
     return tensorrt
@@ -350,14 +352,23 @@ def test_tensorrt_plans_match_onnxruntime_and_are_reused(tensorrt_gpu, exported,
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_tensorrt_uses_the_plugin_library_for_the_plugin_form(tensorrt_gpu, exported, tmp_path):
-    from dpa.runtime.plugins import find_plugin_library, has_tensorrt_plugins, load_plugin_library
+    from dpa.runtime.plugins import (
+        find_plugin_library,
+        has_tensorrt_plugins,
+        load_plugin_library,
+        registered_plugin_library,
+    )
 
-    try:
-        library = find_plugin_library()
-    except DpaError as error:
-        pytest.skip(str(error))
-    if not has_tensorrt_plugins(load_plugin_library(library)):
-        pytest.skip(f"{library} was built without the TensorRT plugins")
+    library = registered_plugin_library()  # TensorRT takes one library's plugins per process
+    if library is None:
+        try:
+            library = find_plugin_library()
+        except DpaError as error:
+            pytest.skip(str(error))
+        if not has_tensorrt_plugins(load_plugin_library(library)):
+            pytest.skip(f"{library} was built without the TensorRT plugins")
+    # Registered before the engine opens, as an application would: the engine must not register them again.
+    load_plugin_library(library, tensorrt=tensorrt_gpu)
     with open_engine(exported, backend="tensorrt", cache_dir=tmp_path, plugin_library=library) as engine:
         assert engine.form == "plugin" and engine.describe()["plugin_library"] == str(library)
         for name, graph in engine.manifest.graphs.items():

@@ -34,6 +34,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--flow", choices=("auto", "files", "dis"), default="auto",
                        help="files: pre-computed flow images; dis: estimate now (offline direction); "
                        "auto: files when every frame has one, else DIS (the report says which)")
+    model.add_argument("--flow-size", type=options.FLOW_SIZE, metavar="PIXELS",
+                       help="--flow dis: estimate the flow on the frames resized to PIXELS x PIXELS (default: the "
+                       "model's input size S, as the runtime does; 0: the frames' own size)")
     model.add_argument("--save-masks", metavar="DIR", help="also write the predicted masks as DIR/<seq>/<frame>.png")
     model.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, …)")
     parser.add_argument("--json", metavar="OUT", help="also write per-frame and per-sequence results as JSON")

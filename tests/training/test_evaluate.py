@@ -260,6 +260,20 @@ def test_dpa_eval_checkpoint_mode_delegates_to_inference(tmp_path, monkeypatch, 
     assert "| synthetic " in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flow_size, expected", [(None, "size=(128, 128)"), (64, "size=(64, 64)"), (0, "size=None")])
+def test_dpa_eval_flow_size_sets_where_dis_runs(tmp_path, flow_size, expected):
+    # Default: DIS at the model's input size S (tiny: 128), as in training and the runtime; 0: the frames' size.
+    from dpa.training.synth import write_dataset
+
+    write_dataset(tmp_path / "clips", clips=1, frames=4, size=160, seed=1000, split="test", progress=False)
+    out = tmp_path / "result.json"
+    arguments = ["eval", "--checkpoint", "tiny", "--data", str(tmp_path / "clips"), "--split", "test",
+                 "--flow", "dis", "--json", str(out)]
+    assert main(arguments + ([] if flow_size is None else ["--flow-size", str(flow_size)])) == 0
+    result = json.loads(out.read_text())
+    assert expected in str(result["flow"]) and 0.0 <= result["dataset"]["J_mean"] <= 1.0
+
+
 # ---- the DAVIS 2016 samples --------------------------------------------------------------------------------
 
 SEQUENCES = ("blackswan", "dog")

@@ -20,6 +20,7 @@ from dpa.manifest import Manifest
 from dpa.runtime.engine import Engine, default_cache_dir, parse_device, resolve_variant
 from dpa.runtime.onnxruntime_engine import CUDA_PROVIDER, open_onnxruntime_engine
 from dpa.runtime.tensorrt_engine import open_tensorrt_engine
+from dpa.runtime.tensorrt_policy import cuda_python_installed
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,6 @@ def best_backend() -> BackendChoice:
     """TensorRT when tensorrt and cuda-python import and a GPU is visible; else ONNX Runtime on the GPU when
     it has a CUDA or TensorRT provider and a GPU is visible; else ONNX Runtime on the CPU."""
     gpus = visible_gpus()
-    from dpa.runtime.tensorrt_engine import cuda_python_installed
 
     missing = ([] if importlib.util.find_spec("tensorrt") else ["tensorrt"]) + \
         ([] if cuda_python_installed() else ["cuda-python"])

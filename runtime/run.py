@@ -210,6 +210,8 @@ class StreamRunner:
             return self._run()
 
     def _run(self) -> RunOutcome:
+        """The frame loop and the one `finally` that finalises every output on any ending (signal, error, disk
+        full). Long on purpose (~60 lines): the order of writes and their clean-up read best in one place."""
         outcome = RunOutcome(summary={})
         output = masks = source = bar = segmenter = None
         admissions = AdmissionLog()

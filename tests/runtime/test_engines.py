@@ -30,7 +30,7 @@ from dpa.runtime.onnxruntime_engine import (
     choose_onnxruntime_form,
     choose_providers,
 )
-from dpa.runtime.tensorrt_engine import (
+from dpa.runtime.tensorrt_policy import (
     BuildSettings,
     GpuInfo,
     PlanInputs,

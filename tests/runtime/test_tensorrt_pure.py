@@ -1,6 +1,7 @@
-"""The TensorRT backend's decisions that need neither TensorRT nor a GPU (runtime/tensorrt_engine.py): which
-cuda-python pairs with the installed TensorRT, the timing cache fallback, the CUDA device per thread, the plugin
-library already registered in this process. TensorRT, cuda-python and the CUDA runtime are fakes here."""
+"""The TensorRT backend's decisions that need neither TensorRT nor a GPU (runtime/tensorrt_policy.py, and the
+paths of runtime/tensorrt_engine.py that make them): which cuda-python pairs with the installed TensorRT, the
+timing cache fallback, the CUDA device per thread, the plugin library already registered in this process.
+TensorRT, cuda-python and the CUDA runtime are fakes here."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from dpa.errors import DpaError
 from dpa.runtime import plugins
 from dpa.runtime import tensorrt_engine as trt_engine
+from dpa.runtime import tensorrt_policy as policy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,18 +42,18 @@ REPO = Path(__file__).resolve().parents[2]
     ({}, {}, None),
 ])
 def test_tensorrt_cuda_major_from_installed_packages(distributions, debian, major):
-    assert trt_engine.tensorrt_cuda_major(distributions, debian) == major
+    assert policy.tensorrt_cuda_major(distributions, debian) == major
 
 
 def test_cuda_python_requirement_pairs_majors_and_matches_the_extras():
-    assert trt_engine.cuda_python_requirement(12) == "cuda-python>=12.0,<13"
-    assert trt_engine.cuda_python_requirement(13) == "cuda-python>=13.0,<14"
-    assert trt_engine.cuda_python_requirement(None) is None
+    assert policy.cuda_python_requirement(12) == "cuda-python>=12.0,<13"
+    assert policy.cuda_python_requirement(13) == "cuda-python>=13.0,<14"
+    assert policy.cuda_python_requirement(None) is None
     tomllib = pytest.importorskip("tomllib")
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    for major in trt_engine.TENSORRT_EXTRA_CUDA_MAJORS:
+    for major in policy.TENSORRT_EXTRA_CUDA_MAJORS:
         requirements = extras[f"tensorrt-cu{major}"]
-        assert trt_engine.cuda_python_requirement(major) in requirements, requirements
+        assert policy.cuda_python_requirement(major) in requirements, requirements
         assert [r for r in requirements if r.startswith("tensorrt")] == [
             r for r in requirements if r.startswith(f"tensorrt-cu{major}>=")]
     assert extras["tensorrt"] == extras["tensorrt-cu12"]  # the plain extra is the CUDA 12 pair (JetPack 6)
@@ -60,39 +62,39 @@ def test_cuda_python_requirement_pairs_majors_and_matches_the_extras():
 
 def test_cuda_python_of_another_major_is_refused_with_the_pin():
     with pytest.raises(DpaError) as error:
-        trt_engine.check_cuda_python("13.0.1", "10.3.0.30", 12)
+        policy.check_cuda_python("13.0.1", "10.3.0.30", 12)
     assert str(error.value) == ("cuda-python 13.0.1 does not pair with TensorRT 10.3.0.30, built for CUDA 12: "
                                 "pip install 'cuda-python>=12.0,<13'")
     with pytest.raises(DpaError, match=r"pip install 'cuda-python>=13\.0,<14'$"):
-        trt_engine.check_cuda_python("12.9.0", "11.1.0.106", 13)
-    trt_engine.check_cuda_python("12.9.0", "10.3.0.30", 12)
-    trt_engine.check_cuda_python("13.0.1", "11.1.0.106", 13)
-    trt_engine.check_cuda_python(None, "10.3.0.30", 12)  # no metadata: the import decides
-    trt_engine.check_cuda_python("13.0.1", "10.3.0.30", None)  # TensorRT's CUDA unknown: the driver check decides
+        policy.check_cuda_python("12.9.0", "11.1.0.106", 13)
+    policy.check_cuda_python("12.9.0", "10.3.0.30", 12)
+    policy.check_cuda_python("13.0.1", "11.1.0.106", 13)
+    policy.check_cuda_python(None, "10.3.0.30", 12)  # no metadata: the import decides
+    policy.check_cuda_python("13.0.1", "10.3.0.30", None)  # TensorRT's CUDA unknown: the driver check decides
 
 
 def test_cuda_python_newer_than_the_driver_is_refused():
     with pytest.raises(DpaError) as error:
-        trt_engine.check_cuda_driver("13.0.1", 12060, None)  # JetPack 6: a CUDA 12.6 driver
+        policy.check_cuda_driver("13.0.1", 12060, None)  # JetPack 6: a CUDA 12.6 driver
     assert str(error.value) == ("cuda-python 13.0.1 needs a CUDA 13 driver, this driver supports CUDA 12.6: "
                                 "pip install 'cuda-python>=12.0,<13'")
     with pytest.raises(DpaError) as error:
-        trt_engine.check_cuda_driver("13.0.1", 12080, 13)
+        policy.check_cuda_driver("13.0.1", 12080, 13)
     assert str(error.value) == ("cuda-python 13.0.1 needs a CUDA 13 driver, this driver supports CUDA 12.8: "
                                 "install a driver for CUDA 13, or TensorRT and cuda-python for CUDA 12: "
                                 "pip install 'dpa-edge[tensorrt-cu12]'")
-    trt_engine.check_cuda_driver("12.9.0", 12060, 12)  # minor versions: CUDA's minor-version compatibility
-    trt_engine.check_cuda_driver("12.9.0", 13000, 12)
-    trt_engine.check_cuda_driver(None, 12060, 13)
+    policy.check_cuda_driver("12.9.0", 12060, 12)  # minor versions: CUDA's minor-version compatibility
+    policy.check_cuda_driver("12.9.0", 13000, 12)
+    policy.check_cuda_driver(None, 12060, 13)
 
 
 def test_install_hints_name_the_pins():
-    assert trt_engine.cuda_python_hint(12) == "pip install 'cuda-python>=12.0,<13'"
-    assert "'cuda-python>=12.0,<13' for CUDA 12" in trt_engine.cuda_python_hint(None)
-    assert "'cuda-python>=13.0,<14' for CUDA 13" in trt_engine.cuda_python_hint(None)
-    assert "pip install cuda-python" not in trt_engine.INSTALL_HINT  # never the unpinned one
-    assert "'dpa-edge[tensorrt-cu12]'" in trt_engine.INSTALL_HINT
-    assert "'cuda-python>=12.0,<13'" in trt_engine.INSTALL_HINT
+    assert policy.cuda_python_hint(12) == "pip install 'cuda-python>=12.0,<13'"
+    assert "'cuda-python>=12.0,<13' for CUDA 12" in policy.cuda_python_hint(None)
+    assert "'cuda-python>=13.0,<14' for CUDA 13" in policy.cuda_python_hint(None)
+    assert "pip install cuda-python" not in policy.INSTALL_HINT  # never the unpinned one
+    assert "'dpa-edge[tensorrt-cu12]'" in policy.INSTALL_HINT
+    assert "'cuda-python>=12.0,<13'" in policy.INSTALL_HINT
 
 
 def test_installed_distributions_are_normalized():
@@ -100,8 +102,8 @@ def test_installed_distributions_are_normalized():
 
     distributions = trt_engine.installed_distributions()
     assert distributions["numpy"] == importlib.metadata.version("numpy")
-    assert all(name == trt_engine.normalized_name(name) for name in distributions)
-    assert trt_engine.normalized_name("tensorrt_cu13.Libs") == "tensorrt-cu13-libs"
+    assert all(name == policy.normalized_name(name) for name in distributions)
+    assert policy.normalized_name("tensorrt_cu13.Libs") == "tensorrt-cu13-libs"
 
 
 def fake_tensorrt_install(monkeypatch, distributions, cudart=None):
@@ -136,10 +138,10 @@ def test_opening_an_engine_refuses_cuda_python_newer_than_the_driver(monkeypatch
 
 
 def test_cuda_version_strings():
-    assert trt_engine.cuda_version_string(12060) == "12.6"
-    assert trt_engine.cuda_version_string(12090) == "12.9"
-    assert trt_engine.cuda_version_string(13000) == "13.0"
-    assert trt_engine.cuda_version_string(11080) == "11.8"
+    assert policy.cuda_version_string(12060) == "12.6"
+    assert policy.cuda_version_string(12090) == "12.9"
+    assert policy.cuda_version_string(13000) == "13.0"
+    assert policy.cuda_version_string(11080) == "11.8"
 
 
 def test_dpkg_status_lists_installed_packages_only():
@@ -147,16 +149,16 @@ def test_dpkg_status_lists_installed_packages_only():
               "Version: 10.3.0.30-1+cuda12.5\nDescription: TensorRT runtime\n continued line\n\n"
               "Package: python3-libnvinfer\nStatus: install ok installed\nVersion: 10.3.0.30-1+cuda12.5\n\n"
               "Package: libnvinfer8\nStatus: deinstall ok config-files\nVersion: 8.6.2.3-1+cuda12.2\n")
-    assert trt_engine.parse_dpkg_status(status) == {"libnvinfer10": "10.3.0.30-1+cuda12.5",
+    assert policy.parse_dpkg_status(status) == {"libnvinfer10": "10.3.0.30-1+cuda12.5",
                                                     "python3-libnvinfer": "10.3.0.30-1+cuda12.5"}
-    assert trt_engine.tensorrt_cuda_major({}, trt_engine.parse_dpkg_status(status)) == 12
+    assert policy.tensorrt_cuda_major({}, policy.parse_dpkg_status(status)) == 12
 
 
 @pytest.fixture
 def cuda_modules():
     """A `cuda` package of our own on sys.path (the real cuda-python must not be installed); every cuda* module
     imported during the test is forgotten afterwards."""
-    if trt_engine.cuda_python_installed():
+    if policy.cuda_python_installed():
         pytest.skip("cuda-python is installed here")
     yield
     for name in [name for name in sys.modules if name == "cuda" or name.startswith("cuda.")]:
@@ -170,7 +172,7 @@ def test_a_bare_cuda_namespace_package_is_not_cuda_python(cuda_modules, tmp_path
     import importlib.util
 
     assert importlib.util.find_spec("cuda") is not None  # what the old check looked at
-    assert not trt_engine.cuda_python_installed()
+    assert not policy.cuda_python_installed()
     with pytest.raises(DpaError) as error:
         trt_engine.import_cudart(12)
     assert str(error.value).startswith("the TensorRT backend needs cuda-python (")
@@ -180,7 +182,7 @@ def test_a_bare_cuda_namespace_package_is_not_cuda_python(cuda_modules, tmp_path
     (tmp_path / "cuda" / "bindings" / "__init__.py").write_text("")
     (tmp_path / "cuda" / "bindings" / "runtime.py").write_text("MARK = 'fake cuda.bindings.runtime'\n")
     importlib.invalidate_caches()
-    assert trt_engine.cuda_python_installed()
+    assert policy.cuda_python_installed()
     assert trt_engine.import_cudart(12).MARK == "fake cuda.bindings.runtime"
 
 

@@ -328,6 +328,8 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
     """Run (or resume) training; returns the path of the last checkpoint.
 
     until: stop after this step (default: settings.steps) — a run may be split and resumed exactly.
+    Long on purpose (~60 lines): set-up, the step loop and the save-on-stop path share the model, optimiser and
+    sampler state, and the loop reads as the training recipe.
     """
     rank, world = init_distributed()
     if settings.batch_size % world:

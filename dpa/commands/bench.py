@@ -291,6 +291,7 @@ def run_targets(models: TargetModels, settings: TimingSettings, engine_options: 
     code's per-frame cost re-enacted), segmenter_live and live_loop (the GStreamer loop from `live_source`,
     default the benchmark clip through `test://synthetic`, to null://). A measurement that cannot run (no int8
     variant, no GStreamer) is listed under `skipped` with the reason, and its ratios are None with that reason.
+    Long on purpose (~65 lines): one schedule opens every measured model and interleaves their repeats.
     """
     import contextlib
 

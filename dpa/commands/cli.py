@@ -151,7 +151,9 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", metavar="DIR", help="use these exported graphs instead of exporting --checkpoint")
     parser.add_argument("--source", metavar="URI",
                         help="source (default: a live synthetic clip streamed through GStreamer, "
-                        "test://synthetic?seed=2026&frames=96&size=256&fps=15, scored against its exact masks)")
+                        "test://synthetic?seed=2026&frames=96&size=256&fps=15, scored against its exact masks); a "
+                        "DAVIS-style sequence folder (SEQ/JPEGImages/, SEQ/Annotations/) is scored against its "
+                        "annotations")
     add_engine_arguments(parser)
     parser.set_defaults(backend="auto")
 

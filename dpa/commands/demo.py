@@ -3,7 +3,8 @@
 The tiny checkpoint shipped in the repository is exported (once; reused while the checkpoint is unchanged),
 opened on the best backend present, and run through the live loop on a synthetic clip streamed through
 GStreamer. The output is an annotated video, mask PNGs, statistics and a report scored against the clip's
-exact ground truth. Importing this module loads no torch; exporting does, only when no export is cached.
+exact ground truth, or against a DAVIS-style folder's Annotations/ when --source is one. Importing this module
+loads no torch; exporting does, only when no export is cached.
 """
 
 from __future__ import annotations
@@ -56,44 +57,66 @@ def ensure_export(checkpoint: Path, directory: Path, say=print) -> tuple[Path, b
 
 
 @dataclass
-class SyntheticTruth:
-    """The exact masks of a `test://synthetic` source, regenerated from its seed."""
+class GroundTruth:
+    """The exact masks of the demo's source, by frame name: regenerated from the seed for `test://synthetic`,
+    read from `Annotations/` for a DAVIS-style sequence folder (`SEQ/JPEGImages/*.jpg` + `SEQ/Annotations/*.png`).
+    Frames without a mask (DAVIS 2017-style sparse annotations) are not scored."""
 
-    masks: list[np.ndarray]
+    masks: dict[str, np.ndarray | Path]
+    what: str
 
     @classmethod
-    def of(cls, source: str) -> SyntheticTruth | None:
-        """The masks of a synthetic source URI, or None for any other source."""
+    def of(cls, source: str) -> GroundTruth | None:
+        """The masks of a source URI, or None where the source has none (camera, file, RTSP, plain folder)."""
         from dpa.runtime.video import parse_source
         from dpa.synthetic import generate_clip
 
         spec = parse_source(source)
-        if spec.kind != "synthetic":
-            return None
-        options = spec.options
-        _, masks = generate_clip(np.random.default_rng(int(options["seed"])), int(options["frames"]),
-                                 int(options["size"]))
-        return cls(masks)
+        if spec.kind == "synthetic":
+            options = spec.options
+            _, masks = generate_clip(np.random.default_rng(int(options["seed"])), int(options["frames"]),
+                                     int(options["size"]))
+            return cls({str(index): mask for index, mask in enumerate(masks)}, "the exact synthetic masks")
+        if spec.kind == "folder":
+            from dpa.images import MASK_SUFFIXES
+
+            root = Path(spec.location)
+            sequence = root.parent if root.name == "JPEGImages" else root
+            annotations = sequence / "Annotations"
+            if annotations.is_dir():
+                masks = {path.stem: path for path in annotations.iterdir() if path.suffix.lower() in MASK_SUFFIXES}
+                return cls(masks, f"the ground truth in {annotations}") if masks else None
+        return None
+
+    def mask(self, name: str) -> np.ndarray | None:
+        """Frame `name`'s mask (bool), or None when it has none."""
+        from dpa.training.evaluate import read_mask
+
+        key = name if name in self.masks else str(int(name)) if name.isdigit() else name
+        mask = self.masks.get(key)
+        return read_mask(mask) if isinstance(mask, Path) else mask
 
 
-def score_masks(mask_dir: Path, truth: SyntheticTruth) -> dict:
-    """DAVIS J/F/G of the mask PNGs written by the run (named by frame index) against the exact masks."""
+def score_masks(mask_dir: Path, truth: GroundTruth) -> dict:
+    """DAVIS J/F/G of the mask PNGs written by the run (named by frame) against the ground truth."""
     import cv2
 
     from dpa.training.evaluate import score_sequence
 
     triples = []
     for path in sorted(mask_dir.glob("*.png")):
-        index = int(path.stem)
+        expected = truth.mask(path.stem)
+        if expected is None:
+            continue
         prediction = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if prediction is None or index >= len(truth.masks):
-            raise DpaError(f"unexpected mask file {path}")
-        triples.append((path.stem, truth.masks[index], prediction > 127))
+        if prediction is None or prediction.shape != expected.shape:
+            raise DpaError(f"mask {path} cannot be scored against {truth.what} (unreadable or another size)")
+        triples.append((path.stem, expected, prediction > 127))
     if not triples:
-        raise DpaError(f"no masks in {mask_dir} to score")
+        raise DpaError(f"no masks in {mask_dir} match {truth.what}")
     scores = score_sequence(triples)
     return {"J_mean": scores["J"]["mean"], "F_mean": scores["F"]["mean"], "G": scores["G"],
-            "frames_scored": len(triples), "per_frame": scores["frames"]}
+            "frames_scored": len(triples), "against": truth.what, "per_frame": scores["frames"]}
 
 
 def run_demo(out: Path, checkpoint: str = "tiny", source: str = DEFAULT_SOURCE, export: Path | None = None,
@@ -123,7 +146,7 @@ def _run_demo(out: Path, checkpoint: str, source: str, export: Path | None, engi
                                say=say).run()
     report = {"checkpoint": str(checkpoint), "export": str(export), "exported_now": exported_now,
               "source": source, **outcome.summary}
-    truth = SyntheticTruth.of(source)
+    truth = GroundTruth.of(source)
     if truth is not None and outcome.summary.get("masks_written"):
         report["scores"] = score_masks(out / "masks", truth)
     report["seconds_total"] = time.perf_counter() - started
@@ -150,7 +173,7 @@ def format_report(report: dict) -> str:
     ]
     if "scores" in report:
         scores = report["scores"]
-        lines.append(f"- accuracy against the exact synthetic masks ({scores['frames_scored']} frames): "
+        lines.append(f"- accuracy against {scores['against']} ({scores['frames_scored']} frames): "
                      f"J {scores['J_mean']:.3f}, F {scores['F_mean']:.3f}, G {scores['G']:.3f}")
     if report.get("error"):
         lines.append(f"- error: {report['error']}")

@@ -148,3 +148,32 @@ def test_demo_default_writes_video_masks_and_report(tmp_path, capsys):
     assert report["scores"]["frames_scored"] == report["frames"]
     assert report["scores"]["J_mean"] >= 0.75, report["scores"]
     assert report["engine"]["backend"] == "onnxruntime"
+
+
+def test_demo_on_a_davis_style_folder_scores_against_its_annotations(tiny_export, tmp_path):
+    """`dpa demo --source SEQ` with SEQ/JPEGImages and SEQ/Annotations (every other frame annotated): the report
+    scores exactly the annotated frames, and an annotation equal to the written mask scores J 1."""
+    import cv2
+
+    from dpa.synthetic import generate_clip
+
+    frames, masks = generate_clip(np.random.default_rng(5), 6, 96)
+    sequence = tmp_path / "seq"
+    (sequence / "JPEGImages").mkdir(parents=True)
+    (sequence / "Annotations").mkdir()
+    for index, (frame, mask) in enumerate(zip(frames, masks, strict=True)):
+        cv2.imwrite(str(sequence / "JPEGImages" / f"{index:05d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        if index % 2 == 0:
+            cv2.imwrite(str(sequence / "Annotations" / f"{index:05d}.png"), mask.astype(np.uint8) * 255)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--export", str(tiny_export), "--source", str(sequence)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["frames"] == 6 and report["scores"]["frames_scored"] == 3
+    assert "Annotations" in report["scores"]["against"] and 0.0 <= report["scores"]["J_mean"] <= 1.0
+    # the scoring itself: annotations replaced by the run's own masks score exactly 1
+    for index in (0, 2, 4):
+        written = cv2.imread(str(out / "masks" / f"{index:05d}.png"), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(sequence / "Annotations" / f"{index:05d}.png"), written)
+    from dpa.commands.demo import GroundTruth, score_masks
+
+    assert score_masks(out / "masks", GroundTruth.of(str(sequence)))["J_mean"] == 1.0

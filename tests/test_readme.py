@@ -10,10 +10,10 @@ from dpa.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-CODE_LINES = [
+CODE_LINES = [  # one entry per command: lines continued with a trailing backslash are joined
     line.strip()
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-    for line in block.splitlines()
+    for line in re.sub(r"\\\n\s*", " ", block).splitlines()
     if line.strip() and not line.strip().startswith("#")
 ]
 

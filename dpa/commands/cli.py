@@ -168,8 +168,10 @@ def run_demo(args: argparse.Namespace) -> int:
                             export=Path(args.export) if args.export else None, engine_args=args, say=print)
     if "scores" in report:
         scores = report["scores"]
-        print(f"J {scores['J_mean']:.3f}  F {scores['F_mean']:.3f}  G {scores['G']:.3f} against the exact masks "
+        print(f"J {scores['J_mean']:.3f}  F {scores['F_mean']:.3f}  G {scores['G']:.3f} against {scores['against']} "
               f"({scores['frames_scored']} frames)")
+    if report.get("note"):
+        print(f"note: {report['note']}")
     print(f"{report['frames']} frames, {report['fps']:.1f} fps, {report['dropped']} dropped")
     for what, path in report["outputs"].items():
         print(f"{what}: {path}")

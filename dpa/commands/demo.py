@@ -149,12 +149,26 @@ def _run_demo(out: Path, checkpoint: str, source: str, export: Path | None, engi
     truth = GroundTruth.of(source)
     if truth is not None and outcome.summary.get("masks_written"):
         report["scores"] = score_masks(out / "masks", truth)
+    if _is_synthetic(source):
+        report["note"] = SYNTHETIC_NOTE
     report["seconds_total"] = time.perf_counter() - started
     report["outputs"] = {"video": settings.sink, "masks": settings.masks, "stats": settings.stats_json,
                          "report": str(out / "report.md")}
     write_text_atomically(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     write_text_atomically(out / "report.md", format_report(report))
     return report, outcome.exit_code
+
+
+SYNTHETIC_NOTE = ("a synthetic clip scores what a model learnt from synthetic clips: `tiny` was trained on such "
+                  "clips, `small` on real video only. Real video is harder; README \"Real video\" has both models' "
+                  "DAVIS scores. Run `dpa demo --checkpoint small --source SEQ` on a DAVIS-style sequence folder "
+                  "(scored against its Annotations/) or `--source /dev/video0` on a camera.")
+
+
+def _is_synthetic(source: str) -> bool:
+    from dpa.runtime.video import parse_source
+
+    return parse_source(source).kind == "synthetic"
 
 
 def format_report(report: dict) -> str:
@@ -175,6 +189,8 @@ def format_report(report: dict) -> str:
         scores = report["scores"]
         lines.append(f"- accuracy against {scores['against']} ({scores['frames_scored']} frames): "
                      f"J {scores['J_mean']:.3f}, F {scores['F_mean']:.3f}, G {scores['G']:.3f}")
+    if report.get("note"):
+        lines.append(f"- note: {report['note']}")
     if report.get("error"):
         lines.append(f"- error: {report['error']}")
     lines += ["", "| stage | mean ms | median ms | p90 ms |", "|---|---|---|---|"]

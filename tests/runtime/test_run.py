@@ -148,6 +148,7 @@ def test_demo_default_writes_video_masks_and_report(tmp_path, capsys):
     assert report["scores"]["frames_scored"] == report["frames"]
     assert report["scores"]["J_mean"] >= 0.75, report["scores"]
     assert report["engine"]["backend"] == "onnxruntime"
+    assert "Real video" in report["note"] and "note: a synthetic clip" in printed  # the score is not real video's
 
 
 def test_demo_on_a_davis_style_folder_scores_against_its_annotations(tiny_export, tmp_path):
@@ -170,6 +171,7 @@ def test_demo_on_a_davis_style_folder_scores_against_its_annotations(tiny_export
     report = json.loads((out / "report.json").read_text())
     assert report["frames"] == 6 and report["scores"]["frames_scored"] == 3
     assert "Annotations" in report["scores"]["against"] and 0.0 <= report["scores"]["J_mean"] <= 1.0
+    assert "note" not in report
     # the scoring itself: annotations replaced by the run's own masks score exactly 1
     for index in (0, 2, 4):
         written = cv2.imread(str(out / "masks" / f"{index:05d}.png"), cv2.IMREAD_GRAYSCALE)

@@ -265,9 +265,11 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def _flow_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset root")
-    parser.add_argument("--layout", required=True, choices=("davis", "preprocessed", "images"),
+    # = dpa.training.flowgen.LAYOUTS (tested), not imported here: it loads OpenCV, and parsing should not
+    parser.add_argument("--layout", required=True, choices=("davis", "preprocessed", "images", "youtube-vos"),
                         help="davis: JPEGImages/<res>/<seq>/; preprocessed: <split>/RGB/<seq>/ (or "
-                             "<seq>_<frame> files); images: <seq>/JPEGImages/")
+                             "<seq>_<frame> files); images: <seq>/JPEGImages/; youtube-vos: "
+                             "<split>/JPEGImages/<video>/")
     parser.add_argument("--out", metavar="DIR",
                         help="write the flow under DIR, mirroring the dataset's relative paths "
                              "(default: into the dataset)")

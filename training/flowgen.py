@@ -6,7 +6,9 @@ Layouts (what is read → what is written, relative to --data, or to --out when 
   <split>/RGB/<seq>_<frame>.jpg → <split>/FLOW/<seq>_<frame>.png (sequence = name up to the last "_"); the
   public test form <split>/<seq>/RGB/<frame>.jpg → <split>/<seq>/FLOW/<frame>.png; --data may also be
   one split folder;
-- `images`: <seq>/JPEGImages/<frame>.jpg → <seq>/FLOW/<frame>.png (the layout of shared/data/davis16).
+- `images`: <seq>/JPEGImages/<frame>.jpg → <seq>/FLOW/<frame>.png (the layout of shared/data/davis16);
+- `youtube-vos`: <split>/JPEGImages/<video>/<frame>.jpg → <split>/FLOW/<video>/<frame>.png, every split found
+  (where `dpa train --data ROOT:youtube-vos --flow-root OUT` looks for them).
 Each frame's flow is `dpa.runtime.flow.offline_flow`: forward t→t+1, the last frame −flow(t→t−1).
 Unreadable frames are skipped with a warning and counted; their neighbours pair with the next readable frame.
 """
@@ -27,7 +29,7 @@ from dpa.runtime.flow import FlowEstimator, create_flow_estimator, flow_to_rgb, 
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("davis", "preprocessed", "images")
+LAYOUTS = ("davis", "preprocessed", "images", "youtube-vos")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,12 @@ def find_sequences(data: str | Path, layout: str, out: str | Path | None = None,
         for folder in _subfolders(data):
             if (folder / "JPEGImages").is_dir():
                 sequences.append(sequence(folder.name, list_images(folder / "JPEGImages"), folder / "FLOW"))
+    elif layout == "youtube-vos":
+        expected = f"{data}/<split>/JPEGImages/<video>/<frame>.jpg"
+        for images in sorted(p for p in data.glob("*/JPEGImages") if p.is_dir()):
+            for folder in _subfolders(images):
+                flow_folder = images.parent / "FLOW" / folder.name
+                sequences.append(sequence(f"{images.parent.name}/{folder.name}", list_images(folder), flow_folder))
     else:
         raise DpaError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     sequences = [item for item in sequences if item.frames]

@@ -79,6 +79,27 @@ def test_images_layout_into_another_root(tmp_path):
                [out / sequence / "FLOW" / f"{n}.png" for n in FRAMES])
 
 
+def test_youtube_vos_layout_every_split_where_training_reads_it(tmp_path):
+    data, out = tmp_path / "ytvos", tmp_path / "flow"
+    _write_clip(data / "train" / "JPEGImages" / "0a1b", 0)
+    _write_clip(data / "valid" / "JPEGImages" / "ff00", 1)
+    assert main(["flow", "--data", str(data), "--layout", "youtube-vos", "--out", str(out)]) == 0
+    from dpa.cli import build_parser
+    from dpa.training.flowgen import LAYOUTS
+
+    flow_parser = build_parser()._subparsers._group_actions[0].choices["flow"]
+    assert next(a for a in flow_parser._actions if a.dest == "layout").choices == LAYOUTS
+    for split, video in (("train", "0a1b"), ("valid", "ff00")):
+        _check([data / split / "JPEGImages" / video / f"{n}.jpg" for n in FRAMES],
+               [out / split / "FLOW" / video / f"{n}.png" for n in FRAMES])
+    from dpa.training.layouts import load_youtube_vos  # the training loader finds exactly these files
+
+    (data / "train" / "Annotations" / "0a1b").mkdir(parents=True)
+    listing = load_youtube_vos(data, "train", flow_root=out)
+    assert [str(path) for path in listing[0].flow] == [
+        str(out / "train" / "FLOW" / "0a1b" / f"{n}.png") for n in FRAMES]
+
+
 def test_existing_files_are_kept_unless_overwrite(tmp_path, capsys):
     _write_clip(tmp_path / "seq" / "JPEGImages", 0)
     assert main(["flow", "--data", str(tmp_path), "--layout", "images"]) == 0

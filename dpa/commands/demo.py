@@ -62,13 +62,14 @@ class GroundTruth:
     read from `Annotations/` for a DAVIS-style sequence folder (`SEQ/JPEGImages/*.jpg` + `SEQ/Annotations/*.png`).
     Frames without a mask (DAVIS 2017-style sparse annotations) are not scored."""
 
-    masks: dict[str, np.ndarray | Path]
+    masks: dict[str, np.ndarray | Path]  # by the frame names the run gives its mask files
     what: str
+    synthetic: bool = False
 
     @classmethod
     def of(cls, source: str) -> GroundTruth | None:
         """The masks of a source URI, or None where the source has none (camera, file, RTSP, plain folder)."""
-        from dpa.runtime.video import parse_source
+        from dpa.runtime.video import parse_source, stream_frame_name
         from dpa.synthetic import generate_clip
 
         spec = parse_source(source)
@@ -76,7 +77,8 @@ class GroundTruth:
             options = spec.options
             _, masks = generate_clip(np.random.default_rng(int(options["seed"])), int(options["frames"]),
                                      int(options["size"]))
-            return cls({str(index): mask for index, mask in enumerate(masks)}, "the exact synthetic masks")
+            return cls({stream_frame_name(index): mask for index, mask in enumerate(masks)},
+                       "the exact synthetic masks", synthetic=True)
         if spec.kind == "folder":
             from dpa.images import MASK_SUFFIXES
 
@@ -92,26 +94,24 @@ class GroundTruth:
         """Frame `name`'s mask (bool), or None when it has none."""
         from dpa.training.evaluate import read_mask
 
-        key = name if name in self.masks else str(int(name)) if name.isdigit() else name
-        mask = self.masks.get(key)
+        mask = self.masks.get(name)
         return read_mask(mask) if isinstance(mask, Path) else mask
 
 
 def score_masks(mask_dir: Path, truth: GroundTruth) -> dict:
     """DAVIS J/F/G of the mask PNGs written by the run (named by frame) against the ground truth."""
-    import cv2
-
-    from dpa.training.evaluate import score_sequence
+    from dpa.training.evaluate import read_mask, score_sequence
 
     triples = []
     for path in sorted(mask_dir.glob("*.png")):
         expected = truth.mask(path.stem)
         if expected is None:
             continue
-        prediction = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if prediction is None or prediction.shape != expected.shape:
-            raise DpaError(f"mask {path} cannot be scored against {truth.what} (unreadable or another size)")
-        triples.append((path.stem, expected, prediction > 127))
+        prediction = read_mask(path)  # DpaError naming the file when it cannot be read
+        if prediction.shape != expected.shape:
+            raise DpaError(f"mask {path} is {prediction.shape[1]}x{prediction.shape[0]}, {truth.what} "
+                           f"{expected.shape[1]}x{expected.shape[0]}")
+        triples.append((path.stem, expected, prediction))
     if not triples:
         raise DpaError(f"no masks in {mask_dir} match {truth.what}")
     scores = score_sequence(triples)
@@ -149,7 +149,7 @@ def _run_demo(out: Path, checkpoint: str, source: str, export: Path | None, engi
     truth = GroundTruth.of(source)
     if truth is not None and outcome.summary.get("masks_written"):
         report["scores"] = score_masks(out / "masks", truth)
-    if _is_synthetic(source):
+    if truth is not None and truth.synthetic:
         report["note"] = SYNTHETIC_NOTE
     report["seconds_total"] = time.perf_counter() - started
     report["outputs"] = {"video": settings.sink, "masks": settings.masks, "stats": settings.stats_json,
@@ -163,12 +163,6 @@ SYNTHETIC_NOTE = ("a synthetic clip scores what a model learnt from synthetic cl
                   "clips, `small` on real video only. Real video is harder; README \"Real video\" has both models' "
                   "DAVIS scores. Run `dpa demo --checkpoint small --source SEQ` on a DAVIS-style sequence folder "
                   "(scored against its Annotations/) or `--source /dev/video0` on a camera.")
-
-
-def _is_synthetic(source: str) -> bool:
-    from dpa.runtime.video import parse_source
-
-    return parse_source(source).kind == "synthetic"
 
 
 def format_report(report: dict) -> str:

@@ -39,7 +39,7 @@ from dpa.runtime.video.pipelines import (
     source_description,
 )
 from dpa.runtime.video.sink import VideoOutput
-from dpa.runtime.video.source import FOLDER_FPS, Frame, VideoSource
+from dpa.runtime.video.source import FOLDER_FPS, Frame, VideoSource, stream_frame_name
 from dpa.runtime.video.uri import (
     RTSP_SINK_PORT,
     SINK_FORMS,
@@ -75,6 +75,7 @@ __all__ = [
     "SourceSpec",
     "VideoOutput",
     "VideoSource",
+    "stream_frame_name",
     "parse_sink",
     "parse_source",
     "rtsp_media_description",

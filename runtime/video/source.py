@@ -25,13 +25,18 @@ FOLDER_FPS = 30.0  # image folders have no timestamps: frame i is at i / fps sec
 TRUNCATION_SLACK_S = 0.1  # a file whose frames end this much (or 2 frames) before its declared duration is damaged
 
 
+def stream_frame_name(index: int) -> str:
+    """The name of frame `index` of a stream (not an image folder): what its mask file is called."""
+    return f"{index:05d}"
+
+
 @dataclass
 class Frame:
     """One frame from a VideoSource.
 
     image: uint8 (H, W, 3) RGB, contiguous; index: frame number at the source, 0-based, counting dropped ones;
     timestamp: seconds (the buffer's PTS; index / fps for image folders); name: the file stem for image folders,
-    else f"{index:05d}".
+    else `stream_frame_name(index)`.
     """
 
     image: np.ndarray
@@ -240,7 +245,7 @@ class VideoSource:
         else:
             timestamp = index / self.fps if self.fps else 0.0
         self._last_timestamp = timestamp
-        return Frame(image, index, timestamp, f"{index:05d}")
+        return Frame(image, index, timestamp, stream_frame_name(index))
 
     def _check_complete(self) -> None:
         """At the end of a file: a warning (logged, kept in `warnings`) when the frames stopped well before the

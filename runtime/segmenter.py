@@ -40,6 +40,17 @@ class FrameResult:
     values: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def timed_model_inputs(frame: np.ndarray, flow: np.ndarray, size: int
+                       ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """`Segmenter.model_inputs` with its stage times: rgb, flow (3, S, S) float32 and {"flow": the rendering of
+    the flow field, "pre": the resizing and normalisation}, in seconds."""
+    started = time.perf_counter()
+    flow_image = flow_to_rgb(flow)
+    rendered = time.perf_counter()
+    rgb, flow_input = preprocess_rgb(frame, size), preprocess_flow(flow_image, size)
+    return rgb, flow_input, {"flow": rendered - started, "pre": time.perf_counter() - rendered}
+
+
 class Segmenter:
     """Segments the frames of one video in order. `chain` runs the graphs (any backend).
 
@@ -94,11 +105,7 @@ class Segmenter:
     def segment(self, frame: np.ndarray, flow: np.ndarray, index: int) -> FrameResult:
         """Segment frame number `index` (uint8 RGB (H, W, 3)) given its flow field (H, W, 2); with the uniform
         policy, admit it to the memory when the policy says so."""
-        started = time.perf_counter()
-        flow_image = flow_to_rgb(flow)
-        rendered = time.perf_counter()
-        rgb, flow_input = preprocess_rgb(frame, self.size), preprocess_flow(flow_image, self.size)
-        seconds = {"flow": rendered - started, "pre": time.perf_counter() - rendered}  # flow: the rendering
+        rgb, flow_input, seconds = timed_model_inputs(frame, flow, self.size)
         return self.segment_inputs(rgb, flow_input, frame.shape[:2], index, seconds)
 
     def segment_inputs(self, rgb: np.ndarray, flow: np.ndarray, frame_size: tuple[int, int], index: int,

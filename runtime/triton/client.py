@@ -17,10 +17,9 @@ import numpy as np
 
 from dpa.errors import DpaError, require_module
 from dpa.manifest import Manifest
-from dpa.runtime.flow import flow_to_rgb
 from dpa.runtime.memory import UniformPolicy, mask_confidence
-from dpa.runtime.preprocess import postprocess_probability, preprocess_flow, preprocess_rgb
-from dpa.runtime.segmenter import FrameResult
+from dpa.runtime.preprocess import postprocess_probability
+from dpa.runtime.segmenter import FrameResult, timed_model_inputs
 from dpa.runtime.triton.repository import SEQUENCE_MODEL
 from dpa.runtime.triton.streams import NO_SLOT, PolicySettings
 
@@ -110,19 +109,15 @@ class RemoteSegmenter:
         return reply
 
     def segment(self, frame: np.ndarray, flow: np.ndarray, index: int) -> FrameResult:
-        started = time.perf_counter()
-        flow_image = flow_to_rgb(flow)
-        rendered = time.perf_counter()
-        rgb, flow_input = preprocess_rgb(frame, self.size), preprocess_flow(flow_image, self.size)
+        rgb, flow_input, seconds = timed_model_inputs(frame, flow, self.size)
         sent = time.perf_counter()
         reply = self._infer(rgb, flow_input, index)
         answered = time.perf_counter()
         probability = reply.as_numpy("PROBABILITY")
         full, mask = postprocess_probability(probability, *frame.shape[:2])
         admitted = int(reply.as_numpy("ADMITTED")[0])
-        seconds = {"flow": rendered - started, "pre": sent - rendered, "server": answered - sent,
-                   "server_compute": float(reply.as_numpy("SERVER_MS")[0]) / 1e3,
-                   "post": time.perf_counter() - answered}
+        seconds.update(server=answered - sent, server_compute=float(reply.as_numpy("SERVER_MS")[0]) / 1e3,
+                       post=time.perf_counter() - answered)
         return FrameResult(full, mask, mask_confidence(probability), seconds, None if admitted == NO_SLOT else admitted)
 
     def reset(self) -> None:

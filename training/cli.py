@@ -265,7 +265,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def _flow_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset root")
-    # = dpa.training.flowgen.LAYOUTS (tested), not imported here: it loads OpenCV, and parsing should not
+    # dpa.training.flowgen.LAYOUTS (tested), copied: importing it loads OpenCV, which parsing should not
     parser.add_argument("--layout", required=True, choices=("davis", "preprocessed", "images", "youtube-vos"),
                         help="davis: JPEGImages/<res>/<seq>/; preprocessed: <split>/RGB/<seq>/ (or "
                              "<seq>_<frame> files); images: <seq>/JPEGImages/; youtube-vos: "

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dpa.files import write_text_atomically
 from dpa.runtime.triton.repository import RepositorySettings, write_repository
 from dpa.runtime.triton.server import Server, find_installation, free_port
 
@@ -90,7 +91,7 @@ def main() -> int:
               f"{served['server_compute_ms']:.1f} | {local['fps_total']:.1f} | "
               f"{', '.join(f'{v:.1f}' for v in local['fps_per_stream'])} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomically(args.json, json.dumps(results, indent=2) + "\n")
     return 0
 
 

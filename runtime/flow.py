@@ -184,6 +184,12 @@ def model_flow_estimator(size: int, preset: str = DEFAULT_PRESET) -> DISFlow:
     return DISFlow(preset, size=size)
 
 
+def flow_size_estimator(flow_size: int | None, model_size: int, preset: str = DEFAULT_PRESET) -> DISFlow:
+    """DIS for a `--flow-size` option: None, the model's input size S (`model_flow_estimator`); 0, the frames' own
+    size; else flow_size × flow_size."""
+    return DISFlow(preset) if flow_size == 0 else model_flow_estimator(flow_size or model_size, preset)
+
+
 # Estimators the torch-free runtime has; `dpa flow` adds RAFT on the training side where torchvision is.
 FLOW_ESTIMATORS: dict[str, Callable[..., FlowEstimator]] = {"dis": DISFlow}
 

@@ -29,7 +29,7 @@ from dpa.images import MAX_FRAME_SIDE, MIN_FRAME_SIDE, write_image
 from dpa.outputs import FILE, FOLDER, FirstFailure, Output, claim_outputs
 from dpa.progress import Bar
 from dpa.runtime.chain import StageChain
-from dpa.runtime.flow import DISFlow, live_flow, model_flow_estimator, offline_flow
+from dpa.runtime.flow import flow_size_estimator, live_flow, offline_flow
 from dpa.runtime.memory import OfflinePolicy, UniformPolicy
 from dpa.runtime.overlay import draw_overlay
 from dpa.runtime.segmenter import FrameResult, Segmenter
@@ -168,10 +168,7 @@ class StreamRunner:
         self.engine_info = engine_info or {}
         self.keep_results = keep_results
         self.say = say or log.info
-        if settings.flow_size == 0:
-            self.estimator = DISFlow(settings.flow_preset)
-        else:
-            self.estimator = model_flow_estimator(settings.flow_size or chain.manifest.size, settings.flow_preset)
+        self.estimator = flow_size_estimator(settings.flow_size, chain.manifest.size, settings.flow_preset)
         self.stats = StageStats()
         self.source_spec = video.parse_source(settings.source)
         self.live = self.source_spec.live

@@ -105,7 +105,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     Masks are predicted at S, resized to the ground truth's resolution (bilinear on the probability)
     and thresholded at 0.5. Returns the `dpa.training.evaluate.summarise` result (plus "flow").
     """
-    from dpa.runtime.flow import DISFlow
+    from dpa.runtime.flow import flow_size_estimator
     from dpa.runtime.preprocess import postprocess_probability
     from dpa.training.checkpoint import load_model
     from dpa.training.evaluate import read_mask, score_sequence, summarise
@@ -118,8 +118,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
                                flow_root=getattr(args, "flow_root", None))
     sequences = select_sequences(sequences, getattr(args, "sequences", None), getattr(args, "exclude", None) or ())
     save_dir = Path(args.save_masks) if getattr(args, "save_masks", None) else None
-    flow_size = getattr(args, "flow_size", None)
-    estimator = None if flow_size is None else DISFlow(size=flow_size or None)  # 0: the frames' own size
+    estimator = flow_size_estimator(getattr(args, "flow_size", None), model.config.size)
     results, sources = {}, set()
     for sequence in progress(sequences, "eval", unit="sequence"):
         if any(mask is None for mask in sequence.masks):

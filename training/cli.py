@@ -220,7 +220,9 @@ def _flow_estimator_arguments(parser: argparse.ArgumentParser, option: str, size
                              "(torchvision, where installed)")
     parser.add_argument("--preset", choices=("ultrafast", "fast", "medium"),
                         help="DIS preset (default fast)")
-    parser.add_argument("--work-size", type=options.FLOW_SIZE, metavar="S", help=size_help)
+    # --flow-size is the name dpa run/eval use for the same choice; --work-size is its earlier name here
+    parser.add_argument("--flow-size", "--work-size", dest="flow_size", type=options.FLOW_SIZE, metavar="PIXELS",
+                        help=size_help)
 
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
@@ -253,7 +255,7 @@ def run_synth(args: argparse.Namespace) -> int:
     from dpa.training.synth import write_dataset
 
     start = time.perf_counter()
-    options = estimator_options(args.estimator, args.preset, args.work_size)
+    options = estimator_options(args.estimator, args.preset, args.flow_size)
     manifest = write_dataset(
         args.out, clips=args.clips, frames=args.frames, size=args.size, seed=args.seed, split=args.split,
         estimator_name=args.estimator, estimator_options=options, overwrite=args.overwrite,
@@ -293,10 +295,10 @@ def run_flow(args: argparse.Namespace) -> int:
     from dpa.training.flowgen import compute_flow, create_estimator, estimator_options, find_sequences
 
     sequences = find_sequences(args.data, args.layout, args.out, args.resolution)
-    work_size = args.work_size
-    if work_size is None and args.estimator == "dis":
-        work_size = FLOW_DATASET_SIZE
-    options = estimator_options(args.estimator, args.preset, work_size or None)
+    flow_size = args.flow_size
+    if flow_size is None and args.estimator == "dis":
+        flow_size = FLOW_DATASET_SIZE
+    options = estimator_options(args.estimator, args.preset, flow_size or None)
     summary = compute_flow(sequences, create_estimator(args.estimator, **options), overwrite=args.overwrite)
     print(f"{summary.sequences} sequences: wrote {summary.written} flow images, kept {summary.existing} "
           f"existing, skipped {len(summary.unreadable)} unreadable frames -> {args.out or args.data}")

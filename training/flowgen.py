@@ -210,13 +210,13 @@ def create_estimator(name: str, **options) -> FlowEstimator:
     return create_flow_estimator(name, **options)
 
 
-def estimator_options(name: str, preset: str | None = None, work_size: int | None = None) -> dict:
+def estimator_options(name: str, preset: str | None = None, flow_size: int | None = None) -> dict:
     """The options of estimator `name` that the command line sets (DIS: preset and working size)."""
     if name != "dis":
-        if preset is not None or work_size is not None:
-            raise DpaError(f"--preset and --work-size apply to the dis estimator, not {name}")
+        if preset is not None or flow_size is not None:
+            raise DpaError(f"--preset and --flow-size apply to the dis estimator, not {name}")
         return {}
     options: dict = {"preset": preset or "fast"}
-    if work_size is not None:
-        options["size"] = work_size
+    if flow_size is not None:
+        options["size"] = flow_size
     return options

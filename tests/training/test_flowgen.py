@@ -132,9 +132,10 @@ def test_unreadable_frames_are_skipped_and_counted(tmp_path, capsys, caplog):
     _check([frames / "00000.jpg", frames / "00002.jpg"], [flows / "00000.png", flows / "00002.png"])
 
 
-def test_reproduces_the_flow_dpa_synth_wrote(tmp_path):
+@pytest.mark.parametrize("option", ["--flow-size", "--work-size"])  # the name dpa run/eval use, and the old one
+def test_reproduces_the_flow_dpa_synth_wrote(tmp_path, option):
     write_dataset(tmp_path / "synth", clips=2, frames=3, size=48, seed=9, progress=False)
-    assert main(["flow", "--data", str(tmp_path / "synth"), "--layout", "preprocessed", "--work-size", "48",
+    assert main(["flow", "--data", str(tmp_path / "synth"), "--layout", "preprocessed", option, "48",
                  "--out", str(tmp_path / "again")]) == 0
     for written in sorted((tmp_path / "synth" / "train" / "FLOW").rglob("*.png")):
         again = tmp_path / "again" / written.relative_to(tmp_path / "synth")

@@ -30,13 +30,15 @@ def _calibrate_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"calibration frames (required; never random data): {CLIP_HELP}")
     parser.add_argument("--out", metavar="DIR",
                         help="where to write feeds/, fp16/ and int8/ (default: EXPORT_DIR)")
-    parser.add_argument("--method", choices=("entropy", "percentile", "max"), default="entropy",
-                        help="int8 activation calibration: entropy (KL, default), percentile (99.999th), max")
+    # dpa.calibration.int8.CALIBRATION_METHODS (tested), copied: parsing should not load numpy
+    parser.add_argument("--method", choices=("entropy", "mse", "percentile", "max"), default="entropy",
+                        help="int8 activation calibration: entropy (KL, default), mse (least squared error), "
+                             "percentile (99.999th), max")
     parser.add_argument("--precisions", type=_comma_list, default=["fp16", "int8"],
                         help="variants to write, comma-separated (default fp16,int8)")
     parser.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
                         help="int8: node-name patterns (fnmatch) to leave float, besides the prototype-attention "
-                        "nodes (always excluded)")
+                        "nodes (always excluded); GRAPH:PATTERN names one graph's nodes (e.g. encoder:node_conv2d_2?)")
     parser.add_argument("--max-frames", type=options.COUNT, metavar="N",
                         help="use only the first N frames of each clip")
     parser.add_argument("--synthetic-length", type=options.integer(1, 10000), default=12, metavar="L",

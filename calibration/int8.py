@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 CUSTOM_DOMAIN = "trt.plugins"  # the prototype-attention nodes
 # The weighted layers whose inputs TensorRT wants quantized.
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-CALIBRATION_METHODS = ("entropy", "percentile", "max")
+CALIBRATION_METHODS = ("entropy", "mse", "percentile", "max")
 SPLIT_RANGE_RATIO = 8.0  # split a Conv over a Concat whose parts' ranges differ more than this (3 bits of int8)
 
 
@@ -135,7 +135,7 @@ def quantize_int8(
 ):
     """The int8 Q/DQ form of one graph -> (onnx.ModelProto, activation ranges {tensor: amax}, split convs).
 
-    method: entropy | percentile | max (`dpa.calibration.ranges`, TensorRT's calibrators on |x|), applied to
+    method: entropy | mse | percentile | max (`dpa.calibration.ranges`, TensorRT's calibrators on |x|), applied to
     the activations that get Q/DQ (`quantized_activations`); ONNX Runtime's `quantize_static` (QDQ, symmetric
     int8, per-channel weights) takes them as range overrides. exclude: node names left float besides the
     prototype-attention nodes, which always are (they are not weighted layers; TensorRT runs them as plugins).

@@ -1,6 +1,6 @@
 """Activation ranges for symmetric int8: the amax (the value that maps to 127) of each tensor, from recorded feeds.
 
-Torch-free (numpy + ONNX Runtime). The three methods are TensorRT's calibrators' (and NVIDIA's
+Torch-free (numpy + ONNX Runtime). The methods are TensorRT's calibrators' (and NVIDIA's
 pytorch-quantization's) on the histogram of |x|:
 
 - `max`: the largest |x| seen;
@@ -8,6 +8,8 @@ pytorch-quantization's) on the histogram of |x|:
 - `entropy`: the threshold whose 128-level quantization of the histogram loses the least information
   (KL divergence between the clipped reference distribution and its quantized version, thresholds from bin
   128 to 2048) — TensorRT's IInt8EntropyCalibrator2.
+- `mse`: the threshold whose int8 quantize-dequantize of the histogram's bin centres has the least mean squared
+  error (rounding below it, clipping above; thresholds from bin 128 to 2048) — pytorch-quantization's "mse".
 
 ONNX Runtime's own entropy calibrator cannot be given a bin count through `quantize_static` and then uses 128
 bins, which leaves a single candidate threshold (the max); hence this module.
@@ -67,6 +69,28 @@ def entropy_amax(histogram: np.ndarray, edges: np.ndarray, quantized_bins: int =
     return float(edges[best])
 
 
+def mse_amax(histogram: np.ndarray, edges: np.ndarray, levels: int = QUANTIZED_BINS - 1,
+             start_bin: int = QUANTIZED_BINS) -> float:
+    """The clipping threshold of a histogram of |x| (counts (B,), edges (B + 1,) from 0) that minimises the mean
+    squared error of symmetric int8 quantization: each bin's centre c is quantized to
+    min(round(c / step), levels) * step with step = amax / levels, its squared error weighted by the bin's count.
+    Candidates are the edges of bins start_bin … B; the smallest error wins (the largest amax among ties)."""
+    counts = np.asarray(histogram, np.float64)
+    if counts.ndim != 1 or len(edges) != counts.size + 1:
+        raise ValueError("histogram needs B counts and B + 1 edges")
+    if counts.size <= start_bin or counts.sum() == 0:
+        return float(edges[-1])
+    centres = (edges[:-1] + edges[1:]) / 2
+    best_error, best = np.inf, counts.size
+    for i in range(start_bin, counts.size + 1):
+        step = edges[i] / levels
+        quantized = np.minimum(np.round(centres / step), levels) * step
+        error = float(counts @ np.square(centres - quantized))
+        if error <= best_error:
+            best_error, best = error, i
+    return float(edges[best])
+
+
 def percentile_amax(histogram: np.ndarray, edges: np.ndarray, percentile: float = PERCENTILE) -> float:
     """The upper edge of the bin where the cumulative share of |x| reaches `percentile` (0-100)."""
     counts = np.asarray(histogram, np.float64)
@@ -96,12 +120,12 @@ def activation_ranges(
     threads: int | None = None, bins: int = HISTOGRAM_BINS, percentile: float = PERCENTILE,
 ) -> dict[str, float]:
     """amax of each tensor of `tensors` (graph inputs or node outputs of the model at `model_path`) over the
-    feeds, by `method` (entropy | percentile | max). Two passes over the feeds: the max of |x|, then the
+    feeds, by `method` (entropy | mse | percentile | max). Two passes over the feeds: the max of |x|, then the
     `bins`-bin histogram of |x| on [0, max]. A tensor that is 0 everywhere gets amax 1 (any scale represents it)."""
     onnx = require_module("onnx", "onnx", "int8 calibration")
     ort = require_module("onnxruntime", "onnxruntime", "int8 calibration")
-    if method not in ("entropy", "percentile", "max"):
-        raise DpaError(f"unknown calibration method {method!r}; choose entropy, percentile or max")
+    if method not in ("entropy", "mse", "percentile", "max"):
+        raise DpaError(f"unknown calibration method {method!r}; choose entropy, mse, percentile or max")
     if not tensors:
         return {}
     feeds = list(feeds)
@@ -131,7 +155,11 @@ def activation_ranges(
             ranges[name] = 1.0
             continue
         edges = np.linspace(0.0, maxima[name], bins + 1)
-        amax = (entropy_amax(histograms[name], edges) if method == "entropy"
-                else percentile_amax(histograms[name], edges, percentile))
+        if method == "entropy":
+            amax = entropy_amax(histograms[name], edges)
+        elif method == "mse":
+            amax = mse_amax(histograms[name], edges)
+        else:
+            amax = percentile_amax(histograms[name], edges, percentile)
         ranges[name] = amax if amax > 0 else maxima[name]
     return ranges

@@ -99,8 +99,8 @@ def write_variant(
 
     feeds: recorded on real frames (`record_feeds`); int8 calibrates every graph on its own feeds, and both
     variants are verified against the fp32 graphs on `verify_feeds` of them (ONNX Runtime, CPU). exclude:
-    int8 only, node-name patterns (fnmatch) left float besides the prototype-attention nodes. split_ratio: int8
-    only, see `quantize_int8`.
+    int8 only, node-name patterns left float besides the prototype-attention nodes (`exclude_pattern_matches`).
+    split_ratio: int8 only, see `quantize_int8`.
     """
     export_dir = Path(export_dir)
     manifest = _fp32_source(export_dir, precision, feeds)
@@ -173,15 +173,23 @@ def _fp16_graph(source: Path, graph: str, details: dict):
     return converted
 
 
+def exclude_pattern_matches(pattern: str, graph: str, node: str) -> bool:
+    """Whether an --exclude pattern names `node` of `graph`: `PATTERN` (fnmatch on the node name, in every graph)
+    or `GRAPH:PATTERN` (only in that graph; node names repeat across graphs, e.g. node_conv2d)."""
+    graph_pattern, separator, node_pattern = pattern.rpartition(":")
+    if separator and not fnmatch.fnmatchcase(graph, graph_pattern):
+        return False
+    return fnmatch.fnmatchcase(node, node_pattern)
+
+
 def _int8_graph(source: Path, graph: str, feeds: FeedSet, method: str, exclude: Iterable[str], threads: int | None,
                 split_ratio: float | None, details: dict):
     """The int8 Q/DQ form of the graph at `source`, calibrated on its feeds and checked against TensorRT's rules;
     its ranges, split convolutions, excluded and quantized nodes are recorded into `details`."""
     import onnx
 
-    patterns = list(exclude)
     names = [node.name for node in onnx.load(str(source)).graph.node]
-    chosen = sorted({name for name in names for pattern in patterns if fnmatch.fnmatchcase(name, pattern)})
+    chosen = sorted({name for name in names for pattern in exclude if exclude_pattern_matches(pattern, graph, name)})
     converted, ranges, split = quantize_int8(source, feeds.feeds(graph), method, chosen, threads=threads,
                                              split_ratio=split_ratio)
     details["activation_amax"][graph] = ranges

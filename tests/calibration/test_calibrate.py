@@ -16,6 +16,7 @@ from dpa.calibration.clips import load_labelled_clip, offline_flows
 from dpa.calibration.feeds import load_feeds
 from dpa.calibration.fp16 import FLOAT32_OP_TYPES, float32_nodes
 from dpa.calibration.int8 import CUSTOM_DOMAIN, QUANTIZED_OP_TYPES, tensorrt_qdq_problems
+from dpa.calibration.variants import exclude_pattern_matches
 from dpa.cli import main
 from dpa.runtime.chain import StageChain
 from dpa.runtime.engines import open_engine
@@ -149,3 +150,40 @@ def test_calibrate_does_not_import_torch(tiny_export, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "fp16" / "manifest.json").is_file() and not (tmp_path / "int8").exists()
+
+
+@pytest.mark.parametrize(("pattern", "graph", "node", "matches"), [
+    ("node_conv2d_2?", "encoder", "node_conv2d_22", True),
+    ("node_conv2d_2?", "decoder", "node_conv2d_22", True),  # a plain pattern reaches every graph
+    ("encoder:node_conv2d_2?", "encoder", "node_conv2d_22", True),
+    ("encoder:node_conv2d_2?", "decoder", "node_conv2d_22", False),
+    ("encoder:node_conv2d_2?", "encoder", "node_conv2d_2", False),
+    ("i*:*", "ima", "node_Conv_86", True),
+    ("i*:*", "encoder", "node_Conv_86", False),
+])
+def test_exclude_patterns_name_nodes_of_every_graph_or_one(pattern, graph, node, matches):
+    assert exclude_pattern_matches(pattern, graph, node) is matches
+
+
+@pytest.mark.slow
+def test_graph_qualified_exclude_leaves_only_that_graph_float(tiny_export, tmp_path):
+    assert main(["calibrate", str(tiny_export), "--frames", "synthetic:3", "--synthetic-length", "3",
+                 "--precisions", "int8", "--out", str(tmp_path), "--threads", "1", "--exclude", "decoder:*"]) == 0
+    variant = load_manifest(tmp_path / "int8")["variant"]
+    decoder = onnx.load(str(tmp_path / "int8" / "decoder.onnx"))
+    assert not [node for node in decoder.graph.node if node.op_type == "QuantizeLinear"]
+    assert set(variant["excluded_nodes"]["decoder"]) == {node.name for node in decoder.graph.node}
+    assert variant["quantized_nodes"]["decoder"] == {}
+    for graph in ("encoder", "ima", "ifa_memory"):
+        assert sum(variant["quantized_nodes"][graph].values()) > 0, graph
+
+
+def test_cli_offers_every_calibration_method():
+    from dpa.calibration.int8 import CALIBRATION_METHODS
+    from dpa.cli import build_parser
+    from dpa.errors import DpaError
+
+    # the CLI's --method choices are a copy (parsing does not load numpy): argparse lists exactly int8's
+    with pytest.raises(DpaError) as error:
+        build_parser().parse_args(["calibrate", "export", "--method", "nonsense"])
+    assert str(error.value).endswith(f"(choose from {', '.join(map(repr, CALIBRATION_METHODS))})")

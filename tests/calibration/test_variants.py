@@ -15,7 +15,7 @@ from dpa.calibration.int8 import (
     split_concat_conv,
     tensorrt_qdq_problems,
 )
-from dpa.calibration.ranges import entropy_amax, percentile_amax
+from dpa.calibration.ranges import entropy_amax, mse_amax, percentile_amax
 
 
 def _model(nodes, inputs, outputs, initializers, opset=18):
@@ -165,6 +165,19 @@ def test_entropy_clips_rare_outliers():
     histogram, edges = np.histogram(values, bins=2048, range=(0, values.max()))
     amax = entropy_amax(histogram, edges)
     assert 2.5 < amax < 8.0
+
+
+def test_mse_keeps_the_range_of_a_uniform_distribution():
+    edges = np.linspace(0, 1, 2049)
+    assert mse_amax(np.full(2048, 100), edges) == pytest.approx(1.0, abs=0.01)  # clipping the last bins pays a bit
+
+
+def test_mse_clips_a_laplace_distribution_where_theory_says():
+    """|x| of a Laplace(0, 1): the squared-error-optimal 8-bit clipping is 9.9 b (Banner et al., ACIQ, 2019:
+    rounding noise a^2 / (3 * 4^8) against the clipped tail 2 b^2 e^(-a/b)), well below the largest sample (~15)."""
+    values = np.abs(np.random.default_rng(0).laplace(0.0, 1.0, 2_000_000))
+    histogram, edges = np.histogram(values, bins=2048, range=(0, values.max()))
+    assert mse_amax(histogram, edges) == pytest.approx(9.9, abs=0.5)
 
 
 def test_percentile_of_a_known_histogram():

@@ -17,13 +17,13 @@ import sys
 import torch
 from torch import nn
 
+from dpa.training.loader import make_loader
 from dpa.training.train import (
     TrainSettings,
     batch_loss,
     freeze_batch_norm,
     init_distributed,
     initial_model,
-    make_loader,
     training_device,
 )
 

@@ -207,7 +207,8 @@ def test_logged_loss_averages_the_steps_since_the_last_record_across_a_resume(sy
 
 def test_vgg_weights_initialise_a_narrow_encoder_from_frames_of_the_training_data(synth_root, tmp_path):
     from dpa.training.imagenet import CONV_INDICES, FULL_CHANNELS, vgg16_subset
-    from dpa.training.train import imagenet_frames, initial_model
+    from dpa.training.loader import imagenet_frames
+    from dpa.training.train import initial_model
 
     generator = torch.Generator().manual_seed(0)
     state, inputs = {}, 3
@@ -230,7 +231,7 @@ def test_vgg_weights_initialise_a_narrow_encoder_from_frames_of_the_training_dat
 
 def test_data_options_are_checked(synth_root, tmp_path):
     from dpa.errors import DpaError
-    from dpa.training.train import build_dataset
+    from dpa.training.loader import build_dataset
 
     settings = _settings(synth_root, tmp_path / "run")
     with pytest.raises(DpaError, match="1 --flow-root for 2 --data"):

@@ -144,8 +144,10 @@ def make_loader(
 
 
 def _worker_signals(worker_id: int) -> None:
-    """Data-loading workers leave Ctrl-C and SIGHUP to the training process (which stops at the next step and
-    shuts them down), and die on SIGTERM, which the loader sends a worker that does not exit."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """Data-loading workers leave SIGINT, SIGHUP and SIGTERM to the training process, which stops at the next step
+    (saving last.pt) and then shuts them down. Ctrl-C in a terminal, `kill -- -PGID` and a service manager's stop
+    signal the whole process group: a worker that died of it would crash the training process instead
+    (PyTorch raises "DataLoader worker ... killed by signal" wherever the main process is). A worker whose training
+    process is gone exits by itself (PyTorch's watchdog on the parent's PID); SIGKILL still ends it."""
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)

@@ -46,8 +46,9 @@ class Running:
         folder.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = folder / "stdout.txt", folder / "stderr.txt"
         with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            # a process group of its own, as a shell job or a service has: stop_group signals all of it
             self.process = subprocess.Popen([sys.executable, "-m", "dpa", *arguments], stdout=stdout, stderr=stderr,
-                                            env=ENVIRONMENT)
+                                            env=ENVIRONMENT, start_new_session=True)
 
     @property
     def pid(self) -> int:
@@ -71,6 +72,12 @@ class Running:
     def stop(self, signum: int, timeout: float = 120) -> Finished:
         """Send `signum` and wait for the process to end."""
         self.process.send_signal(signum)
+        return self.finish(timeout)
+
+    def stop_group(self, signum: int, timeout: float = 120) -> Finished:
+        """Send `signum` to the whole process group (the command and any helpers it started, as Ctrl-C in a
+        terminal, `kill -- -PGID` or a service manager's stop do) and wait for the command to end."""
+        os.killpg(self.process.pid, signum)
         return self.finish(timeout)
 
     def finish(self, timeout: float = 300) -> Finished:

@@ -104,6 +104,19 @@ def test_signal_during_training_saves_a_checkpoint_that_resumes(signum, synth_da
     assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["step"] == step + 2
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_whole_process_group_during_training_saves_a_checkpoint(signum, synth_data, tmp_path):
+    """The data-loading worker gets the signal too (a service manager's stop, Ctrl-C in a terminal): only the
+    training process decides, so the stop is the same as above, not a crash on the worker's death."""
+    out = tmp_path / "run"
+    run = Running(tmp_path / "log", *_train(synth_data, out))
+    run.wait_for(lambda: _logged_steps(out) >= 3, "three training steps", timeout=300)
+    finished = run.stop_group(signum)
+    assert_stopped(finished, signum)
+    assert "DataLoader worker" not in finished.stderr
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["step"] >= 3
+
+
 def test_a_second_training_run_into_the_same_folder_is_refused(synth_data, tmp_path):
     out = tmp_path / "run"
     assert run_dpa(*_train(synth_data, out, "--steps", "2")).code == 0

@@ -355,11 +355,14 @@ class RunOutputs:
                     step, self.out / "last.pt")
 
     def save_final(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, metrics: dict) -> None:
-        """OUT/last.pt at the end of the run, and OUT/model.pt when the run has reached --steps."""
+        """OUT/last.pt at the end of the run, and OUT/model.pt when the run has reached --steps (with
+        --keep-checkpoints also as OUT/model-<step>.pt, so that the kept steps are every candidate)."""
         _save(self.out / "last.pt", model, self.config, self.settings, optimizer, step, metrics)
         if step == self.settings.steps:
-            save_checkpoint(self.out / "model.pt", model, self.config, step=step,
-                            train=dataclasses.asdict(self.settings), metrics=metrics)
+            names = ["model.pt"] + ([f"model-{step:06d}.pt"] if self.settings.keep_checkpoints else [])
+            for name in names:
+                save_checkpoint(self.out / name, model, self.config, step=step,
+                                train=dataclasses.asdict(self.settings), metrics=metrics)
 
 
 @torch.no_grad()

@@ -106,6 +106,16 @@ def test_resume_is_exact(synth_root, tmp_path):
     assert [r["step"] for r in records] == [2, 4]
 
 
+def test_kept_checkpoints_are_every_save_step_and_the_last(synth_root, tmp_path):
+    out = tmp_path / "run"
+    train(_settings(synth_root, out, steps=5, save_every=2, keep_checkpoints=True), progress=False)
+    kept = sorted(path.name for path in out.glob("model-*.pt"))
+    assert kept == ["model-000002.pt", "model-000004.pt", "model-000005.pt"]
+    assert [load_checkpoint(out / name)["step"] for name in kept] == [2, 4, 5]
+    final, last_kept = load_checkpoint(out / "model.pt"), load_checkpoint(out / "model-000005.pt")
+    assert _max_difference(final["model"], last_kept["model"]) == 0.0
+
+
 def test_training_reduces_the_loss(synth_root, tmp_path):
     train(_settings(synth_root, tmp_path / "run", steps=30, batch_size=4, log_every=10, seed=1), progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

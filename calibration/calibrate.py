@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dpa.calibration.clips import load_labelled_clips
 from dpa.calibration.feeds import FEEDS_FOLDER, FeedSet, record_feeds, save_feeds
-from dpa.calibration.int8 import CALIBRATION_METHODS
+from dpa.calibration.ranges import CALIBRATION_METHODS
 from dpa.calibration.variants import VARIANT_PRECISIONS, write_variant
 from dpa.errors import DpaError
 from dpa.manifest import Manifest

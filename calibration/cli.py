@@ -30,7 +30,7 @@ def _calibrate_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"calibration frames (required; never random data): {CLIP_HELP}")
     parser.add_argument("--out", metavar="DIR",
                         help="where to write feeds/, fp16/ and int8/ (default: EXPORT_DIR)")
-    # dpa.calibration.int8.CALIBRATION_METHODS (tested), copied: parsing should not load numpy
+    # dpa.calibration.ranges.CALIBRATION_METHODS (tested), copied: parsing should not load numpy
     parser.add_argument("--method", choices=("entropy", "mse", "percentile", "max"), default="entropy",
                         help="int8 activation calibration: entropy (KL, default), mse (least squared error), "
                              "percentile (99.999th), max")

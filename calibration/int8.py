@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpa.calibration.ranges import activation_ranges
+from dpa.calibration.ranges import CALIBRATION_METHODS, activation_ranges
 from dpa.errors import DpaError, require_module
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 CUSTOM_DOMAIN = "trt.plugins"  # the prototype-attention nodes
 # The weighted layers whose inputs TensorRT wants quantized.
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-CALIBRATION_METHODS = ("entropy", "mse", "percentile", "max")
 SPLIT_RANGE_RATIO = 8.0  # split a Conv over a Concat whose parts' ranges differ more than this (3 bits of int8)
 
 

@@ -28,6 +28,7 @@ from dpa.errors import DpaError, require_module
 HISTOGRAM_BINS = 2048
 QUANTIZED_BINS = 128  # int8 symmetric: 127 levels per sign (+ zero); TensorRT uses 128
 PERCENTILE = 99.999
+CALIBRATION_METHODS = ("entropy", "mse", "percentile", "max")  # what `activation_ranges` computes
 
 
 def entropy_amax(histogram: np.ndarray, edges: np.ndarray, quantized_bins: int = QUANTIZED_BINS,
@@ -124,8 +125,8 @@ def activation_ranges(
     `bins`-bin histogram of |x| on [0, max]. A tensor that is 0 everywhere gets amax 1 (any scale represents it)."""
     onnx = require_module("onnx", "onnx", "int8 calibration")
     ort = require_module("onnxruntime", "onnxruntime", "int8 calibration")
-    if method not in ("entropy", "mse", "percentile", "max"):
-        raise DpaError(f"unknown calibration method {method!r}; choose entropy, mse, percentile or max")
+    if method not in CALIBRATION_METHODS:
+        raise DpaError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
     if not tensors:
         return {}
     feeds = list(feeds)

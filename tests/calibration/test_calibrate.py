@@ -179,7 +179,7 @@ def test_graph_qualified_exclude_leaves_only_that_graph_float(tiny_export, tmp_p
 
 
 def test_cli_offers_every_calibration_method():
-    from dpa.calibration.int8 import CALIBRATION_METHODS
+    from dpa.calibration.ranges import CALIBRATION_METHODS
     from dpa.cli import build_parser
     from dpa.errors import DpaError
 

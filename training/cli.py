@@ -196,7 +196,8 @@ def _train_outputs(args: argparse.Namespace):
 @command("train", "train DPA (stage 1 or 2); multi-GPU/multi-node with torchrun", arguments=_train_arguments,
          outputs=_train_outputs)
 def run_train(args: argparse.Namespace) -> int:
-    from dpa.training.train import TrainSettings, train
+    from dpa.training.settings import TrainSettings
+    from dpa.training.train import train
 
     settings = TrainSettings(
         out=args.out, data=args.data, flow_roots=args.flow_root, sequences=_names(args.sequences),

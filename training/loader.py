@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dpa.errors import DpaError
 from dpa.training.config import ModelConfig
-
-if TYPE_CHECKING:
-    from dpa.training.train import TrainSettings
+from dpa.training.settings import TrainSettings
 
 
 class GlobalIndexDataset(Dataset):

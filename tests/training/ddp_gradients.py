@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from dpa.training.loader import make_loader
+from dpa.training.settings import TrainSettings
 from dpa.training.train import (
-    TrainSettings,
     batch_loss,
     freeze_batch_norm,
     init_distributed,

@@ -12,10 +12,10 @@ import torch
 
 from dpa.cli import main
 from dpa.training.checkpoint import load_checkpoint, load_model
+from dpa.training.settings import TrainSettings
 from dpa.training.synth import write_dataset
 from dpa.training.train import (
     SIDE_OUTPUTS,
-    TrainSettings,
     learning_rate_at,
     segmentation_loss,
     soft_jaccard_loss,

@@ -165,6 +165,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--iou-loss", type=options.number(0), default=0.0, metavar="WEIGHT",
                        help="add WEIGHT × soft Jaccard (IoU) loss to the BCE of every side output (default 0: "
                        "the paper's BCE only)")
+    group.add_argument("--camera-motion", type=options.FRACTION, default=0.0, metavar="P",
+                       help="stage 2: the chance that a clip is seen from a camera following its object (its flow "
+                       "is computed live, DIS at S, and shifted by the object's motion; default 0: the flow "
+                       "images as stored)")
     group.add_argument("--init", help="start from this checkpoint's weights (stage 2: the stage-1 checkpoint)")
     group.add_argument("--vgg-weights", help="torchvision VGG-16 ImageNet state dict (.pth) for both encoders")
     group.add_argument("--save-every", type=options.COUNT, default=1000, help="steps between checkpoints (OUT/last.pt)")
@@ -206,7 +210,7 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, learning_rate=args.lr,
         final_learning_rate=args.final_lr, seed=args.seed, workers=args.workers, augment=not args.no_augment,
         freeze_batch_norm=args.freeze_batch_norm, freeze_batch_norm_from=args.freeze_batch_norm_from,
-        iou_loss_weight=args.iou_loss, init=args.init, vgg_weights=args.vgg_weights,
+        iou_loss_weight=args.iou_loss, camera_motion=args.camera_motion, init=args.init, vgg_weights=args.vgg_weights,
         save_every=args.save_every, log_every=args.log_every, keep_checkpoints=args.keep_checkpoints,
         device=args.device,
     )

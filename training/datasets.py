@@ -17,8 +17,10 @@ import torch
 from torch.utils.data import Dataset
 
 from dpa.errors import DpaError
+from dpa.runtime.flow import model_flow_estimator, offline_flow, zero_flow
 from dpa.runtime.preprocess import preprocess_flow, preprocess_rgb
 from dpa.training.augment import AugmentConfig, AugmentParams, apply_augment, draw_augment_params
+from dpa.training.camera import FOLLOW_RANGE, follow_shift, followed_flow_image
 from dpa.training.sequences import VideoSequence, read_mask_or_none, read_rgb_or_none, require_flow
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,8 @@ class ClipDataset(_SeededItems):
     Queries are frames with a mask and a flow image; references are drawn uniformly from the video's
     frames with flow (annotated or not), distinct from each other and from the query where the video is
     long enough. One augmentation is drawn per item and applied to all N + 1 frames.
+    camera_motion: the chance that an item is seen from a camera following its object (`dpa.training.camera`):
+    its flow images are then computed live, shifted and rendered, instead of read (0: never, the default).
     samples_per_epoch: None → one item per query frame (index picks it); a number → that many items per
     epoch, each a random video then a random query frame in it.
 
@@ -162,11 +166,14 @@ class ClipDataset(_SeededItems):
         seed: int = 0,
         samples_per_epoch: int | None = None,
         augment_config: AugmentConfig | None = None,
+        camera_motion: float = 0.0,
     ):
         if not sequences:
             raise DpaError("no video sequences to train on")
         if memory < 0:
             raise DpaError(f"memory (number of reference frames) must be >= 0, got {memory}")
+        if not 0 <= camera_motion <= 1:
+            raise DpaError(f"camera motion is a probability in [0, 1], got {camera_motion}")
         require_flow(sequences)
         self.sequences = list(sequences)
         self.size = size
@@ -175,6 +182,8 @@ class ClipDataset(_SeededItems):
         self.seed = seed
         self.samples_per_epoch = samples_per_epoch
         self.augment_config = augment_config or AugmentConfig()
+        self.camera_motion = camera_motion
+        self._estimator = None  # DIS at S for camera motion, made where it is used (each loading process)
         self.epoch = 0
         self.unreadable = _UnreadableFiles()
         self.frames_without_flow = 0
@@ -211,6 +220,7 @@ class ClipDataset(_SeededItems):
     def sample(self, index: int, rng: np.random.Generator) -> dict:
         """Item `index` with all randomness from `rng` (used by `MixedDataset`)."""
         params = draw_augment_params(rng, self.augment_config) if self.augment else None
+        follow = self._draw_follow(rng)
         counter = [0]
         query = self.queries[index % len(self.queries)] if self.samples_per_epoch is None else self._random_query(rng)
         for _ in range(MAX_DRAWS):
@@ -224,10 +234,17 @@ class ClipDataset(_SeededItems):
             query = self._random_query(rng)
         else:
             raise DpaError(f"{MAX_DRAWS} query frames in a row could not be read; check the dataset files")
+        chosen = self._references(s, q, rng, counter, (rgb, flow))
+        if follow is not None:
+            followed = self._followed_flows(sequence, {q: rgb, **{f: r for f, r, _ in chosen}}, q, mask, follow,
+                                            counter)
+            if followed is not None:
+                flow = followed[q]
+                chosen = [(f, r, followed[f]) for f, r, _ in chosen]
         rgb_input, flow_input, mask = _to_inputs(rgb, flow, mask, params, self.size)
         references = [
             _to_inputs(reference_rgb, reference_flow, None, params, self.size)[:2]
-            for reference_rgb, reference_flow in self._references(s, q, rng, counter, (rgb, flow))
+            for _, reference_rgb, reference_flow in chosen
         ]
         empty = np.zeros((0, 3, self.size, self.size), np.float32)
         return {
@@ -248,8 +265,8 @@ class ClipDataset(_SeededItems):
         rng: np.random.Generator,
         counter: list[int],
         query_images: tuple[np.ndarray, np.ndarray],
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """N (rgb, flow) reference images in frame order; unreadable frames are replaced by other frames.
+    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """N (frame, rgb, flow) reference images in frame order; unreadable frames are replaced by other frames.
 
         Distinct frames other than the query while the video has them; a shorter video repeats its
         frames (the query included).
@@ -272,7 +289,53 @@ class ClipDataset(_SeededItems):
                 continue
             loaded[frame] = (rgb, flow)
             chosen.append(frame)
-        return [loaded[frame] for frame in sorted(chosen)]
+        return [(frame, *loaded[frame]) for frame in sorted(chosen)]
+
+    def _draw_follow(self, rng: np.random.Generator) -> float | None:
+        """The followed fraction f of an item seen from a following camera, None for the item as filmed. Draws two
+        values when camera motion is on and none when it is off (so runs without it sample as they always did)."""
+        if self.camera_motion <= 0:
+            return None
+        chosen = rng.random() < self.camera_motion
+        follow = float(rng.uniform(*FOLLOW_RANGE))
+        return follow if chosen else None
+
+    def _followed_flows(
+        self,
+        sequence: VideoSequence,
+        frames: dict[int, np.ndarray],
+        query: int,
+        mask: np.ndarray,
+        follow: float,
+        counter: list[int],
+    ) -> dict[int, np.ndarray] | None:
+        """Frame -> flow image seen from a camera following `follow` of the query object's motion
+        (`dpa.training.camera`); None (keep the stored images) when a neighbour frame is unreadable or the query
+        has no object."""
+        if self._estimator is None:
+            self._estimator = model_flow_estimator(self.size)
+        flows = {}
+        for frame, rgb in frames.items():
+            flow = self._live_flow(sequence, frame, rgb, counter)
+            if flow is None:
+                return None
+            flows[frame] = flow
+        shift = follow_shift(flows[query], mask, follow)
+        if shift is None:
+            return None
+        return {frame: followed_flow_image(flow, shift) for frame, flow in flows.items()}
+
+    def _live_flow(self, sequence: VideoSequence, frame: int, rgb: np.ndarray, counter: list[int]) -> np.ndarray | None:
+        """`offline_flow` of `frame` from it and its neighbour (the next frame, the previous one for the last);
+        None when the neighbour cannot be read."""
+        neighbour = frame + 1 if frame + 1 < len(sequence) else frame - 1
+        if neighbour < 0:
+            return zero_flow(rgb, self._estimator)
+        other = self.unreadable.rgb(sequence.rgb[neighbour], counter)
+        if other is None:
+            return None
+        window, position = ([rgb, other], 0) if neighbour > frame else ([other, rgb], 1)
+        return offline_flow(window, position, self._estimator)
 
 
 class MixedDataset(Dataset):

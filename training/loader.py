@@ -101,6 +101,8 @@ def build_dataset(settings: TrainSettings, config: ModelConfig) -> Dataset:
     from dpa.training.layouts import canonical_layout, detect_layout, load_duts
     from dpa.training.sequences import pairs_from_sequences
 
+    if settings.stage == 1 and settings.camera_motion:
+        raise DpaError("--camera-motion applies to stage 2 (video clips); stage 1 trains on still images")
     parts = []
     for spec, flow_root in _data_sources(settings):
         root, layout = _split_root(spec)
@@ -116,9 +118,8 @@ def build_dataset(settings: TrainSettings, config: ModelConfig) -> Dataset:
             parts.append(SaliencyDataset(pairs, config.size, augment=settings.augment, seed=settings.seed))
         else:
             sequences = _sequences(settings, root, layout, flow_root)
-            parts.append(
-                ClipDataset(sequences, config.size, memory=config.memory, augment=settings.augment, seed=settings.seed)
-            )
+            parts.append(ClipDataset(sequences, config.size, memory=config.memory, augment=settings.augment,
+                                     seed=settings.seed, camera_motion=settings.camera_motion))
     if len(parts) == 1:
         return parts[0]
     length = sum(len(part) for part in parts)

@@ -44,6 +44,8 @@ class TrainSettings:
     # Weight of the soft Jaccard (IoU) loss added to the paper's BCE on every side output (0: BCE only, the
     # paper's recipe). It trains the quantity J measures; see `segmentation_loss`.
     iou_loss_weight: float = 0.0
+    # Chance that a training clip is seen from a camera following its object (`dpa.training.camera`; stage 2 only).
+    camera_motion: float = 0.0
     init: str | None = None  # checkpoint to start from (stage 2 starts from stage 1)
     vgg_weights: str | None = None  # torchvision VGG-16 state dict file (ImageNet initialisation)
     save_every: int = 1000

@@ -21,9 +21,9 @@ def test_small_is_shipped_under_16_mb_with_the_paper_structure():
     assert 2.5e6 < sum(p.numel() for p in model.parameters()) < 3.5e6
 
 
-# Measured J-mean of the shipped checkpoint on blackswan (README, "Real video"): 0.798, DIS at S as the runtime.
+# Measured J-mean of the shipped checkpoint on blackswan (README, "Real video"): 0.727, DIS at S as the runtime.
 # The floor leaves 0.03 for kernel differences between CPUs (DIS flow and oneDNN rounding).
-BLACKSWAN_J_FLOOR = 0.798 - 0.03
+BLACKSWAN_J_FLOOR = 0.727 - 0.03
 
 
 @pytest.mark.slow

@@ -35,15 +35,19 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig, **extra) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig, state: dict | None = None, **extra
+) -> Path:
     """Write {config, model, **extra} atomically (temp file + rename, so a crash never leaves half a file).
 
-    extra: step, optimizer, scheduler, metrics, train (the training settings) — whatever resume needs.
+    state: the weights to store (default: `model`'s state dict). extra: step, optimizer, scheduler, metrics,
+    train (the training settings) — whatever resume needs.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = model.module if hasattr(model, "module") else model
-    state = {name: tensor.contiguous() for name, tensor in module.state_dict().items()}  # layout-neutral files
+    state = module.state_dict() if state is None else state
+    state = {name: tensor.contiguous() for name, tensor in state.items()}  # layout-neutral files
     payload = {"format": "dpa-checkpoint/1", "config": config.to_dict(), "model": state, **extra}
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)

@@ -169,6 +169,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="stage 2: the chance that a clip is seen from a camera following its object (its flow "
                        "is computed live, DIS at S, and shifted by the object's motion; default 0: the flow "
                        "images as stored)")
+    group.add_argument("--quantization-aware", action="store_true",
+                       help="quantization-aware training for the int8 variant: convolutions see their weights and "
+                       "inputs rounded to int8 as `dpa calibrate` quantizes them, and OUT/model*.pt store the "
+                       "weights on their int8 grid (fine-tune a trained --init for a few hundred steps)")
     group.add_argument("--init", help="start from this checkpoint's weights (stage 2: the stage-1 checkpoint)")
     group.add_argument("--vgg-weights", help="torchvision VGG-16 ImageNet state dict (.pth) for both encoders")
     group.add_argument("--save-every", type=options.COUNT, default=1000, help="steps between checkpoints (OUT/last.pt)")
@@ -210,7 +214,8 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, learning_rate=args.lr,
         final_learning_rate=args.final_lr, seed=args.seed, workers=args.workers, augment=not args.no_augment,
         freeze_batch_norm=args.freeze_batch_norm, freeze_batch_norm_from=args.freeze_batch_norm_from,
-        iou_loss_weight=args.iou_loss, camera_motion=args.camera_motion, init=args.init, vgg_weights=args.vgg_weights,
+        iou_loss_weight=args.iou_loss, camera_motion=args.camera_motion,
+        quantization_aware=args.quantization_aware, init=args.init, vgg_weights=args.vgg_weights,
         save_every=args.save_every, log_every=args.log_every, keep_checkpoints=args.keep_checkpoints,
         device=args.device,
     )
@@ -249,6 +254,41 @@ def _synth_outputs(args: argparse.Namespace):
 
     # kept: `write_dataset` replaces only a split that dpa synth wrote, on --overwrite
     return optional(Path(args.out) / args.split, FOLDER, "synthetic split", keep=True)
+
+
+def _round_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="the checkpoint to round (a path, small or "
+                        "tiny)")
+    parser.add_argument("--out", required=True, help="the rounded checkpoint (.pt)")
+
+
+def _round_weights_outputs(args: argparse.Namespace):
+    """The rounded checkpoint; never the checkpoint it is made from (--overwrite would remove it before reading)."""
+    from pathlib import Path
+
+    from dpa.training.checkpoint import resolve_checkpoint
+
+    if Path(args.out).resolve() == resolve_checkpoint(args.checkpoint).resolve():
+        raise DpaError(f"--out {args.out} is the checkpoint being rounded; write the rounded one to another path")
+    return optional(args.out, FILE, "checkpoint")
+
+
+@command("round-weights", "put every convolution's weight on its int8 grid (per output channel, as `dpa calibrate` "
+         "quantizes it): the int8 graphs' weights then equal the fp32 graphs'",
+         arguments=_round_weights_arguments, outputs=_round_weights_outputs)
+def run_round_weights(args: argparse.Namespace) -> int:
+    from dpa.training.checkpoint import load_model, save_checkpoint
+    from dpa.training.quantize import int8_grid_state, largest_grid_change
+
+    model, payload = load_model(args.checkpoint)
+    state = int8_grid_state(model)
+    count, change = largest_grid_change(model, state)
+    extra = {key: payload[key] for key in ("step", "train", "metrics") if key in payload}
+    rounded = {"source": payload["path"], "convolutions": count, "largest_change": change}
+    save_checkpoint(args.out, model, model.config, state, **extra, int8_grid=rounded)
+    print(f"{count} convolutions on their int8 grid (largest change: {change:.2%} of a channel's largest |w|): "
+          f"{args.out}")
+    return 0
 
 
 @command("synth", "generate a procedural video dataset with exact masks and flow (pre-processed layout)",

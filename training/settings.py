@@ -46,6 +46,9 @@ class TrainSettings:
     iou_loss_weight: float = 0.0
     # Chance that a training clip is seen from a camera following its object (`dpa.training.camera`; stage 2 only).
     camera_motion: float = 0.0
+    # Quantization-aware training (`dpa.training.quantize`): convolutions see int8-rounded weights and inputs, and
+    # the kept checkpoints (OUT/model*.pt) store every convolution's weight on its int8 grid.
+    quantization_aware: bool = False
     init: str | None = None  # checkpoint to start from (stage 2 starts from stage 1)
     vgg_weights: str | None = None  # torchvision VGG-16 state dict file (ImageNet initialisation)
     save_every: int = 1000

@@ -5,6 +5,7 @@ Which samples each step sees (deterministic across process counts and resumes) i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,6 +28,7 @@ from dpa.training.checkpoint import load_checkpoint, load_state, save_checkpoint
 from dpa.training.config import ModelConfig
 from dpa.training.loader import imagenet_frames, make_loader
 from dpa.training.model import DPA, build_model
+from dpa.training.quantize import fake_int8_convolutions, int8_grid_state
 from dpa.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -177,21 +179,23 @@ def train(settings: TrainSettings, resume: bool = False, until: int | None = Non
         freeze_batch_norm(model)
     outputs = RunOutputs(settings, config, start, stop, progress) if rank == 0 else None
     step = start
+    quantized = fake_int8_convolutions(model) if settings.quantization_aware else contextlib.nullcontext()
     freeze_from = settings.freeze_batch_norm_from
     freeze_step = None if freeze_from is None else int(freeze_from * settings.steps)
     try:
-        for batch in loader:
-            if freeze_step is not None and step >= freeze_step:
-                freeze_batch_norm(model)
-            loss = optimisation_step(wrapped, optimizer, batch, step, settings, device)
-            step += 1
-            if outputs is not None:
-                outputs.after_step(step, loss.item(), model, optimizer)
-            signum = stop_signal(world, device)
-            if signum is not None:  # every rank stops after the same step; OUT/last.pt resumes exactly there
+        with quantized:  # convolutions on int8-rounded weights and inputs (--quantization-aware)
+            for batch in loader:
+                if freeze_step is not None and step >= freeze_step:
+                    freeze_batch_norm(model)
+                loss = optimisation_step(wrapped, optimizer, batch, step, settings, device)
+                step += 1
                 if outputs is not None:
-                    outputs.save_stopped(step, model, optimizer, signum)
-                raise stopping.Stopped(signum)
+                    outputs.after_step(step, loss.item(), model, optimizer)
+                signum = stop_signal(world, device)
+                if signum is not None:  # every rank stops after the same step; OUT/last.pt resumes exactly there
+                    if outputs is not None:
+                        outputs.save_stopped(step, model, optimizer, signum)
+                    raise stopping.Stopped(signum)
     finally:
         if outputs is not None:
             outputs.close()
@@ -289,8 +293,13 @@ class RunOutputs:
         if step % self.settings.save_every == 0 and step != self.stop:
             _save(self.out / "last.pt", model, self.config, self.settings, optimizer, step)
             if self.settings.keep_checkpoints:
-                save_checkpoint(self.out / f"model-{step:06d}.pt", model, self.config, step=step,
-                                train=dataclasses.asdict(self.settings), metrics={"loss": loss})
+                save_checkpoint(self.out / f"model-{step:06d}.pt", model, self.config, self.kept_state(model),
+                                step=step, train=dataclasses.asdict(self.settings), metrics={"loss": loss})
+
+    def kept_state(self, model: nn.Module) -> dict | None:
+        """The weights OUT/model*.pt store: with --quantization-aware every convolution's on its int8 grid (what
+        the network trained on; OUT/last.pt keeps the float weights that resume continues), else the model's."""
+        return int8_grid_state(model) if self.settings.quantization_aware else None
 
     def close(self) -> None:
         self.bar.close()
@@ -310,7 +319,7 @@ class RunOutputs:
         if step == self.settings.steps:
             names = ["model.pt"] + ([f"model-{step:06d}.pt"] if self.settings.keep_checkpoints else [])
             for name in names:
-                save_checkpoint(self.out / name, model, self.config, step=step,
+                save_checkpoint(self.out / name, model, self.config, self.kept_state(model), step=step,
                                 train=dataclasses.asdict(self.settings), metrics=metrics)
 
 

@@ -129,6 +129,7 @@ def test_every_command_refuses_an_unwritable_output_before_any_work(tiny_export,
             ("synth", "--out", str(locked)),
             ("flow", "--data", str(tmp_path), "--layout", "images", "--out", str(locked / "flow")),
             ("demo", "--out", str(locked / "demo")),
+            ("round-weights", "--checkpoint", "tiny", "--out", str(locked / "grid.pt")),
         ]
         for command in commands:
             assert_one_error_line(run_dpa(*command, timeout=120), str(locked), "Read-only file system")

@@ -1,4 +1,5 @@
-"""Quantization-aware training for the int8 variant (`dpa train --quantization-aware`).
+"""int8-aware weights: quantization-aware training (`dpa train --quantization-aware`) and weights rounded to their
+int8 grid (`dpa round-weights`).
 
 `dpa calibrate` quantizes every convolution of the exported graphs the way TensorRT's explicit quantization
 takes it (`dpa.calibration.int8`): weights symmetric int8 per output channel (scale = max |w| / 127, the
@@ -10,9 +11,10 @@ both roundings only at deployment. Here it meets them while it trains:
   pass). The input's range is a running maximum of |x| (momentum `RANGE_MOMENTUM`, the `max` calibration method;
   `dpa calibrate`'s default entropy method clips more of the tail, so the deployed activations round more
   coarsely than here). The ranges live in the context, not in the model: a checkpoint keeps its keys.
-- `int8_grid_state(model)`: the weights as the kept checkpoints store them, every convolution's weight on its
-  int8 grid. int8 weights then cost the deployed graph nothing against this PyTorch model: the export folds
-  BatchNorm into the convolution, which scales each output channel, and the grid of a channel scales with it.
+- `int8_grid_state(model)`: the weights as the kept checkpoints and `dpa round-weights` store them, every
+  convolution's weight on its int8 grid. int8 weights then cost the deployed graph nothing against this PyTorch
+  model: the export folds BatchNorm into the convolution, which scales each output channel, and the grid of a
+  channel scales with it.
 
 PyTorch only (training side).
 """

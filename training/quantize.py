@@ -50,9 +50,16 @@ def fake_int8(value: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
     return value + (rounded.to(value.dtype) - value).detach()
 
 
+def named_convolutions(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """(state-dict prefix, layer) of every `nn.Conv2d` of `model` (the layers `dpa calibrate` quantizes), in module
+    order; a DistributedDataParallel wrapper is looked through."""
+    module = model.module if hasattr(model, "module") else model
+    return [(name, layer) for name, layer in module.named_modules() if isinstance(layer, nn.Conv2d)]
+
+
 def convolutions(model: nn.Module) -> list[nn.Conv2d]:
-    """Every `nn.Conv2d` of `model` (the layers `dpa calibrate` quantizes), in module order."""
-    return [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    """Every `nn.Conv2d` of `model`, in module order."""
+    return [layer for _, layer in named_convolutions(model)]
 
 
 def _fake_int8_forward(conv: nn.Conv2d, ranges: dict[nn.Conv2d, torch.Tensor]):
@@ -93,9 +100,8 @@ def int8_grid_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """`model`'s state dict with every convolution's weight on its int8 grid (`int8_weight_grid`)."""
     module = model.module if hasattr(model, "module") else model
     state = dict(module.state_dict())
-    for name, conv in module.named_modules():
-        if isinstance(conv, nn.Conv2d):
-            state[f"{name}.weight"] = int8_weight_grid(conv.weight.detach())
+    for name, conv in named_convolutions(module):
+        state[f"{name}.weight"] = int8_weight_grid(conv.weight.detach())
     return state
 
 
@@ -103,12 +109,10 @@ def int8_grid_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def largest_grid_change(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, float]:
     """(convolutions of `model`, the largest change `state` (`int8_grid_state`) makes to a weight, relative to the
     largest |w| of its output channel; at most half a step, 1 / 254)."""
-    module = model.module if hasattr(model, "module") else model
-    count, largest = 0, 0.0
-    for name, conv in module.named_modules():
-        if isinstance(conv, nn.Conv2d):
-            weight = conv.weight.float()
-            peak = weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-            largest = max(largest, ((state[f"{name}.weight"].float() - weight).abs() / peak).max().item())
-            count += 1
-    return count, largest
+    layers = named_convolutions(model)
+    largest = 0.0
+    for name, conv in layers:
+        weight = conv.weight.float()
+        peak = weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        largest = max(largest, ((state[f"{name}.weight"].float() - weight).abs() / peak).max().item())
+    return len(layers), largest

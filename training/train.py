@@ -318,8 +318,9 @@ class RunOutputs:
         _save(self.out / "last.pt", model, self.config, self.settings, optimizer, step, metrics)
         if step == self.settings.steps:
             names = ["model.pt"] + ([f"model-{step:06d}.pt"] if self.settings.keep_checkpoints else [])
+            state = self.kept_state(model)
             for name in names:
-                save_checkpoint(self.out / name, model, self.config, self.kept_state(model), step=step,
+                save_checkpoint(self.out / name, model, self.config, state, step=step,
                                 train=dataclasses.asdict(self.settings), metrics=metrics)
 
 
